@@ -1,0 +1,191 @@
+"""The TOML config file -> typed, validated config. Every error names the file and the key."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+DEFAULT_CONFIG_NAMES = ("config.toml", "config.example.toml")
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A config file problem a person can fix; the message says where and what."""
+
+
+def _default_memory_budget_mb() -> int:
+    # Lambda ties CPU and everything else to memory; we bound environments the same way, by
+    # default to three quarters of the machine so the daemon and the OS keep headroom.
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 4096
+    return max(int(total * 0.75 / (1024 * 1024)), 128)
+
+
+class DaemonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    http_listen: str = "127.0.0.1:9102"
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=128)] = msgspec.field(
+        default_factory=_default_memory_budget_mb
+    )
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1024)] = MAX_PAYLOAD_BYTES
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = MAX_PAYLOAD_BYTES
+    log_level: str = "info"
+    reconcile_interval_s: Annotated[float, msgspec.Meta(gt=0, le=2)] = 0.5
+
+    @property
+    def http_host_port(self) -> tuple[str, int]:
+        host, _, port = self.http_listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class StateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Empty means the embedded default next to the config file.
+    url: str = ""
+    key_prefix: str = "poller:"
+
+
+class AwsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    profile: str | None = None
+    account: str = "000000000000"
+
+
+class RedisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    password_env: str | None = None
+
+
+class FunctionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    handler: Annotated[str, msgspec.Meta(min_length=1)]
+    code_path: str = ""
+    memory_mb: Annotated[int, msgspec.Meta(ge=128, le=10240)] = 128
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 3.0
+    environment: dict[str, str] = msgspec.field(default_factory=dict)
+    inherit_environment: list[str] = msgspec.field(default_factory=list)
+    reserved_concurrency: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    provisioned_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    init_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+    @property
+    def arn(self) -> str:
+        return f"arn:aws:lambda:us-east-1:000000000000:function:{self.name}"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    aws: AwsConfig = msgspec.field(default_factory=AwsConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    functions: list[FunctionConfig] = msgspec.field(default_factory=list)
+    # Validated by poller.mappings, which owns the parameter rules.
+    mappings: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    path: str = ""
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.path).parent if self.path else Path.cwd()
+
+    @property
+    def state_url(self) -> str:
+        return self.state.url or f"sqlite:///{self.base_dir / '.poller' / 'state.db'}"
+
+    def function(self, name: str) -> FunctionConfig:
+        for fn in self.functions:
+            if fn.name == name:
+                return fn
+        known = ", ".join(f.name for f in self.functions) or "none"
+        raise ConfigError(
+            f"{self.path or 'config'}: no function named {name!r} (functions defined: {known}); "
+            "add a [[functions]] entry or fix the name"
+        )
+
+
+_AT = re.compile(r"^(?P<what>.*) - at `\$\.?(?P<where>[^`]*)`$")
+
+
+def _explain(exc: msgspec.ValidationError, path: str) -> str:
+    text = str(exc)
+    match = _AT.match(text)
+    if not match:
+        return f"{path}: {text}"
+    where = match["where"] or "top level"
+    what = match["what"]
+    unknown = re.match(r"Object contains unknown field `(.+)`", what)
+    if unknown:
+        key = f"{where}.{unknown[1]}" if match["where"] else unknown[1]
+        return f"{path}: unknown key '{key}'; remove it or check its spelling"
+    return f"{path}: invalid value for '{where}': {what}"
+
+
+def parse_config(data: dict[str, Any], path: str) -> Config:
+    data = dict(data)
+    data.pop("path", None)
+    try:
+        config = msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+    config.path = path
+    base = config.base_dir
+    names: set[str] = set()
+    for index, fn in enumerate(config.functions):
+        if fn.name in names:
+            raise ConfigError(f"{path}: functions[{index}].name: duplicate function {fn.name!r}")
+        names.add(fn.name)
+        fn.code_path = str((base / fn.code_path).resolve()) if fn.code_path else str(base)
+        if fn.reserved_concurrency is not None and fn.provisioned_concurrency > max(
+            fn.reserved_concurrency, 0
+        ):
+            raise ConfigError(
+                f"{path}: functions[{index}].provisioned_concurrency ({fn.provisioned_concurrency})"
+                f" exceeds reserved_concurrency ({fn.reserved_concurrency})"
+            )
+    try:
+        config.daemon.http_host_port  # noqa: B018 - validate early, not at bind time
+    except ValueError:
+        raise ConfigError(
+            f"{path}: invalid value for 'daemon.http_listen': {config.daemon.http_listen!r}; "
+            "expected HOST:PORT such as 127.0.0.1:9102"
+        ) from None
+    if config.daemon.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"{path}: invalid value for 'daemon.log_level': {config.daemon.log_level!r}; "
+            "expected debug, info, warning or error"
+        )
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse_config(data, str(file.resolve()))
+
+
+def find_config(explicit: str | None) -> Path:
+    """The --config file, else ./config.toml, else ./config.example.toml."""
+    if explicit:
+        return Path(explicit)
+    for name in DEFAULT_CONFIG_NAMES:
+        candidate = Path(name)
+        if candidate.exists():
+            return candidate
+    raise ConfigError(
+        "no config file: pass --config FILE, or run where config.toml or config.example.toml is"
+    )

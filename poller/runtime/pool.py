@@ -1,0 +1,874 @@
+"""Execution environments for functions: spawn, reuse, reap, bound, time out, kill.
+
+An environment is one worker process (poller.runtime.worker) started with a fresh interpreter,
+never forked from the daemon. The pool hands out *leases*: a lease is one claimed unit of a
+function's concurrency, bound to an environment (warm, or one it may start). The engine takes a
+lease before it receives a batch, so a batch is never read from a source without somewhere to
+run it; ``Runtime.invoke`` without a lease throttles at once when no slot is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from poller.config import MAX_PAYLOAD_BYTES, FunctionConfig
+from poller.logs import JsonLog
+from poller.logs import log as default_log
+from poller.runtime import protocol
+
+_error_decoder = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+LOG_TAIL_BYTES = 4096
+MONITOR_INTERVAL_S = 0.1
+MAINTENANCE_INTERVAL_S = 0.5
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    FUNCTION_ERROR = "function_error"  # the handler raised, or returned what cannot be sent
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    CRASHED = "crashed"  # the process exited or was killed mid-invoke
+    INIT_ERROR = "init_error"
+    THROTTLED = "throttled"  # no slot: nothing ran
+    INVALID_REQUEST = "invalid_request"  # rejected before running (request too large)
+
+
+# Outcomes where the function was not run at all; the engine must not count them as attempts.
+NOT_RUN = frozenset({Outcome.THROTTLED, Outcome.INVALID_REQUEST})
+
+
+@dataclass(slots=True)
+class InvokeResult:
+    outcome: Outcome
+    payload: bytes  # the response JSON on OK, otherwise the Lambda error JSON
+    request_id: str
+    duration_ms: float = 0.0
+    init_ms: float | None = None
+    max_memory_mb: int = 0
+    log_lines: list[str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        if self.outcome is Outcome.OK:
+            return None
+        try:
+            value = _error_decoder.decode(self.payload)
+        except msgspec.DecodeError:
+            return {"errorMessage": self.payload.decode(errors="replace"), "errorType": "Unknown"}
+        return value if isinstance(value, dict) else {"errorMessage": str(value)}
+
+    @property
+    def error_type(self) -> str | None:
+        error = self.error
+        return None if error is None else str(error.get("errorType", "Unknown"))
+
+    def log_tail(self, limit: int = LOG_TAIL_BYTES) -> str:
+        text = "".join(line + "\n" for line in self.log_lines or ())
+        data = text.encode()
+        return data[-limit:].decode(errors="ignore")
+
+
+def _error(error_type: str, message: str, request_id: str | None = None) -> bytes:
+    body: dict[str, Any] = {"errorMessage": message, "errorType": error_type}
+    if request_id is not None:
+        body["requestId"] = request_id
+    return _encode(body)
+
+
+def throttled_result(function: str, request_id: str, reason: str) -> InvokeResult:
+    payload = _encode(
+        {
+            "errorMessage": f"Rate Exceeded: {reason} for function {function}",
+            "errorType": "TooManyRequestsException",
+            "Reason": reason,
+        }
+    )
+    return InvokeResult(Outcome.THROTTLED, payload, request_id)
+
+
+class EnvState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class Environment:
+    """One worker process for one function; one invoke at a time."""
+
+    def __init__(self, pool: FunctionPool, provisioned: bool = False) -> None:
+        self.pool = pool
+        self.config = pool.config
+        self.provisioned = provisioned
+        self.id = uuid.uuid4().hex
+        self.state = EnvState.NEW
+        self.last_used = time.monotonic()
+        self.invokes = 0
+        self.init_ms: float | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.tmpdir: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._req_fd = -1
+        self._resp_fd = -1
+        self._log_fd = -1
+        self._frames = protocol.FrameReader()
+        self._pending: asyncio.Future[tuple[str, dict[str, Any], bytes]] | None = None
+        self._out = bytearray()
+        self._log_partial = b""
+        self._request_id: str | None = None
+        self._capture: list[str] | None = None
+        self._death_reason: str | None = None
+        self._exited = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _environ(self) -> dict[str, str]:
+        cfg = self.config
+        env: dict[str, str] = {}
+        for name in cfg.inherit_environment:
+            if name in os.environ:
+                env[name] = os.environ[name]
+        env.update(cfg.environment)
+        day = time.strftime("%Y/%m/%d", time.gmtime())
+        python_dir = os.path.dirname(sys.executable)
+        env.update(
+            {
+                "AWS_LAMBDA_FUNCTION_NAME": cfg.name,
+                "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(cfg.memory_mb),
+                "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{cfg.name}",
+                "AWS_LAMBDA_LOG_STREAM_NAME": f"{day}/[$LATEST]{self.id}",
+                "_HANDLER": cfg.handler,
+                "LAMBDA_TASK_ROOT": cfg.code_path,
+                "TZ": ":UTC",
+                "PATH": f"{python_dir}:/usr/local/bin:/usr/bin:/bin",
+                "TMPDIR": self.tmpdir or "/tmp",
+                "_POLLER_MAX_RESPONSE_BYTES": str(self.pool.runtime.max_response_bytes),
+            }
+        )
+        return env
+
+    async def start(self) -> InvokeResult | None:
+        """Spawn and run the init phase. None when warm; the init error result otherwise."""
+        self.state = EnvState.STARTING
+        self.tmpdir = tempfile.mkdtemp(prefix=f"poller-{self.config.name}-")
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        log_r, log_w = os.pipe()
+        started = time.perf_counter()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "poller.runtime.worker",
+                str(req_r),
+                str(resp_w),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_w,
+                stderr=log_w,
+                pass_fds=(req_r, resp_w),
+                env=self._environ(),
+                cwd=self.config.code_path,
+                start_new_session=True,  # its own process group: a kill takes its children too
+            )
+        except OSError as exc:
+            for fd in (req_r, req_w, resp_r, resp_w, log_r, log_w):
+                os.close(fd)
+            self._cleanup()
+            self.state = EnvState.DEAD
+            return InvokeResult(
+                Outcome.INIT_ERROR,
+                _error(
+                    "Runtime.StartError",
+                    f"cannot start a worker in {self.config.code_path!r}: {exc.strerror}",
+                ),
+                "",
+            )
+        finally:
+            for fd in (req_r, resp_w, log_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._req_fd, self._resp_fd, self._log_fd = req_w, resp_r, log_r
+        for fd in (req_w, resp_r, log_r):
+            os.set_blocking(fd, False)
+        self._loop.add_reader(resp_r, self._on_response_readable)
+        self._loop.add_reader(log_r, self._drain_logs)
+        self._watcher = self._loop.create_task(self._watch_exit())
+
+        self._pending = self._loop.create_future()
+        handle = self._loop.call_later(self.config.init_timeout_s, self._on_timeout)
+        try:
+            kind, header, body = await self._pending
+        finally:
+            handle.cancel()
+            self._pending = None
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        if kind == protocol.READY:
+            self.init_ms = elapsed_ms
+            self.state = EnvState.IDLE
+            return None
+        self._drain_logs()
+        if kind == protocol.INIT_ERROR:
+            self.kill("init error")
+            return InvokeResult(Outcome.INIT_ERROR, body, "", init_ms=elapsed_ms)
+        if kind == "timeout":
+            self.kill("init timeout")
+            payload = _error(
+                "Sandbox.Timedout",
+                f"Init timed out after {self.config.init_timeout_s:.2f} seconds",
+            )
+            return InvokeResult(Outcome.INIT_ERROR, payload, "", init_ms=elapsed_ms)
+        status = await self._exit_status()
+        payload = _error("Runtime.ExitError", f"Runtime exited during init: {status}")
+        return InvokeResult(Outcome.INIT_ERROR, payload, "", init_ms=elapsed_ms)
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the whole process group; a killed environment is never reused."""
+        if self.state is EnvState.DEAD:
+            return
+        self._death_reason = self._death_reason or reason
+        self.state = EnvState.DEAD
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.pool._forget(self)
+
+    async def _watch_exit(self) -> None:
+        assert self.proc is not None
+        await self.proc.wait()
+        self._exited.set()
+        # Anything it printed on the way out still belongs to the current request.
+        self._drain_logs()
+        if self.state is not EnvState.DEAD:
+            self.kill("exited")
+        self._resolve(("exit", {}, b""))
+        self._cleanup()
+
+    async def _exit_status(self) -> str:
+        await self._exited.wait()
+        assert self.proc is not None
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name.removeprefix("SIG").lower()
+            except ValueError:
+                name = str(-code)
+            if name == "kill":
+                name = "killed"
+            return f"signal: {name}"
+        return f"exit status {code}"
+
+    def _cleanup(self) -> None:
+        for attr in ("_resp_fd", "_log_fd", "_req_fd"):
+            fd = getattr(self, attr)
+            if fd < 0:
+                continue
+            if attr != "_req_fd":
+                self._loop.remove_reader(fd)
+            else:
+                self._loop.remove_writer(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            setattr(self, attr, -1)
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+    # -- I/O -----------------------------------------------------------------------------------
+
+    def _resolve(self, value: tuple[str, dict[str, Any], bytes]) -> None:
+        pending = self._pending
+        if pending is not None and not pending.done():
+            pending.set_result(value)
+
+    def _on_response_readable(self) -> None:
+        try:
+            data = os.read(self._resp_fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._loop.remove_reader(self._resp_fd)
+            return  # EOF: _watch_exit reports the death with the exit status
+        for header, body in self._frames.feed(data):
+            self._resolve((header.get("t", ""), header, body))
+
+    def _drain_logs(self) -> None:
+        fd = self._log_fd
+        if fd < 0:
+            return
+        chunks = [self._log_partial] if self._log_partial else []
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self._loop.remove_reader(fd)
+                break
+            chunks.append(data)
+            if len(data) < 65536:
+                break
+        if not chunks:
+            return
+        text = b"".join(chunks)
+        *lines, self._log_partial = text.split(b"\n")
+        if self.state is EnvState.DEAD and self._log_partial:
+            lines.append(self._log_partial)
+            self._log_partial = b""
+        for raw in lines:
+            self._emit_log_line(raw.decode(errors="replace").rstrip("\r"))
+
+    def _emit_log_line(self, line: str) -> None:
+        runtime = self.pool.runtime
+        runtime.log.emit(
+            {
+                "time": round(time.time(), 6),
+                "level": "info",
+                "function": self.config.name,
+                "request_id": self._request_id,
+                "type": "log",
+                "message": line,
+            }
+        )
+        if self._capture is not None:
+            self._capture.append(line)
+
+    def _send(self, data: bytes) -> None:
+        if self._out:
+            self._out += data
+            return
+        try:
+            written = os.write(self._req_fd, data)
+        except BlockingIOError:
+            written = 0
+        if written < len(data):
+            self._out += data[written:]
+            self._loop.add_writer(self._req_fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            written = os.write(self._req_fd, self._out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            written = len(self._out)  # the worker is gone; _watch_exit reports it
+        del self._out[:written]
+        if not self._out:
+            self._loop.remove_writer(self._req_fd)
+
+    def _on_timeout(self) -> None:
+        self._resolve(("timeout", {}, b""))
+
+    # -- invoke --------------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        request_id: str,
+        event: bytes,
+        client_context: dict[str, Any] | None,
+        capture: list[str] | None,
+    ) -> InvokeResult:
+        cfg = self.config
+        runtime = self.pool.runtime
+        self.state = EnvState.BUSY
+        self._request_id = request_id
+        self._capture = capture
+        log = runtime.log
+        log.emit({"level": "info", "function": cfg.name, "request_id": request_id,
+                  "type": "START", "version": "$LATEST"})
+        if capture is not None:
+            capture.append(f"START RequestId: {request_id} Version: $LATEST")
+        init_ms = self.init_ms if self.invokes == 0 else None
+        self.invokes += 1
+        header: dict[str, Any] = {
+            "t": protocol.INVOKE,
+            "id": request_id,
+            "deadline_ms": int(time.time() * 1000 + cfg.timeout_s * 1000),
+            "arn": runtime.function_arn(cfg.name),
+        }
+        if client_context is not None:
+            header["cc"] = client_context
+        self._pending = self._loop.create_future()
+        started = time.perf_counter()
+        self._send(protocol.frame(header, event))
+        handle = self._loop.call_later(cfg.timeout_s, self._on_timeout)
+        try:
+            kind, reply, body = await self._pending
+        finally:
+            handle.cancel()
+            self._pending = None
+        duration_ms = (time.perf_counter() - started) * 1000.0
+        self._drain_logs()
+        rss_kb = int(reply.get("rss_kb", 0)) if kind == protocol.RESULT else 0
+        max_memory_mb = math.ceil(rss_kb / 1024) if rss_kb else self.rss_mb()
+        if kind == protocol.RESULT:
+            if max_memory_mb > cfg.memory_mb:
+                # The high-water mark says it went over between two samples of the monitor.
+                self.kill("memory")
+                result = self._oom_result(request_id, duration_ms, max_memory_mb)
+            else:
+                outcome = Outcome.OK if reply.get("ok") else Outcome.FUNCTION_ERROR
+                result = InvokeResult(outcome, body, request_id, duration_ms)
+                self.state = EnvState.IDLE
+        elif kind == "timeout":
+            self.kill("timeout")
+            result = InvokeResult(
+                Outcome.TIMEOUT,
+                _error(
+                    "Sandbox.Timedout",
+                    f"Task timed out after {cfg.timeout_s:.2f} seconds",
+                    request_id,
+                ),
+                request_id,
+                duration_ms,
+            )
+        elif self._death_reason == "memory":
+            result = self._oom_result(request_id, duration_ms, max_memory_mb)
+        else:
+            status = await self._exit_status()
+            result = InvokeResult(
+                Outcome.CRASHED,
+                _error(
+                    "Runtime.ExitError",
+                    f"RequestId: {request_id} Error: Runtime exited with error: {status}",
+                    request_id,
+                ),
+                request_id,
+                duration_ms,
+            )
+        result.init_ms = init_ms
+        result.max_memory_mb = max_memory_mb
+        self._report(result)
+        result.log_lines = capture
+        self._request_id = None
+        self._capture = None
+        self.last_used = time.monotonic()
+        return result
+
+    def _oom_result(self, request_id: str, duration_ms: float, used_mb: int) -> InvokeResult:
+        limit = self.config.memory_mb
+        message = (
+            f"RequestId: {request_id} Error: Runtime exited with error: signal: killed "
+            f"(memory used {used_mb} MB > memory size {limit} MB)"
+        )
+        return InvokeResult(
+            Outcome.OUT_OF_MEMORY,
+            _error("Runtime.OutOfMemory", message, request_id),
+            request_id,
+            duration_ms,
+        )
+
+    def _report(self, result: InvokeResult) -> None:
+        cfg = self.config
+        billed = max(math.ceil(result.duration_ms), 1)
+        record: dict[str, Any] = {
+            "level": "info",
+            "function": cfg.name,
+            "request_id": result.request_id,
+            "type": "REPORT",
+            "outcome": result.outcome.value,
+            "duration_ms": round(result.duration_ms, 3),
+            "billed_duration_ms": billed,
+            "memory_size_mb": cfg.memory_mb,
+            "max_memory_used_mb": result.max_memory_mb,
+        }
+        if result.init_ms is not None:
+            record["init_duration_ms"] = round(result.init_ms, 3)
+        log = self.pool.runtime.log
+        log.emit({"level": "info", "function": cfg.name, "request_id": result.request_id,
+                  "type": "END"})
+        log.emit(record)
+        capture = self._capture
+        if capture is not None:
+            capture.append(f"END RequestId: {result.request_id}")
+            line = (
+                f"REPORT RequestId: {result.request_id}\tDuration: {result.duration_ms:.2f} ms\t"
+                f"Billed Duration: {billed} ms\tMemory Size: {cfg.memory_mb} MB\t"
+                f"Max Memory Used: {result.max_memory_mb} MB"
+            )
+            if result.init_ms is not None:
+                line += f"\tInit Duration: {result.init_ms:.2f} ms"
+            capture.append(line)
+
+    def rss_mb(self) -> int:
+        if self.proc is None or self.proc.returncode is not None:
+            return 0
+        try:
+            with open(f"/proc/{self.proc.pid}/statm", "rb") as f:
+                resident_pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+        return math.ceil(resident_pages * PAGE_SIZE / (1024 * 1024))
+
+
+class Lease:
+    """One claimed unit of a function's concurrency; good for one invoke, then released."""
+
+    __slots__ = ("_released", "env", "pool")
+
+    def __init__(self, pool: FunctionPool, env: Environment) -> None:
+        self.pool = pool
+        self.env = env
+        self._released = False
+
+    def release(self) -> None:
+        """Give the slot back unused (e.g. the source had nothing to deliver)."""
+        if self._released:
+            return
+        self._released = True
+        self.pool._return(self.env)
+
+    async def invoke(
+        self,
+        event: bytes,
+        *,
+        request_id: str | None = None,
+        client_context: dict[str, Any] | None = None,
+        capture_logs: bool = False,
+    ) -> InvokeResult:
+        if self._released:
+            raise RuntimeError("lease already used")
+        try:
+            return await self.pool._invoke_on(
+                self.env, event, request_id or str(uuid.uuid4()), client_context, capture_logs
+            )
+        finally:
+            self.release()
+
+
+class FunctionPool:
+    """The environments of one function and its concurrency accounting."""
+
+    def __init__(self, runtime: Runtime, config: FunctionConfig) -> None:
+        self.runtime = runtime
+        self.config = config
+        self.idle: list[Environment] = []  # most recently used last: reuse the warmest
+        self.envs: set[Environment] = set()
+        self.leased = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def concurrency_limit(self) -> int | None:
+        return self.config.reserved_concurrency
+
+    def free_slots(self) -> int:
+        """How many more leases could be granted now (an upper bound; memory may evict)."""
+        limit = self.config.reserved_concurrency
+        by_reserved = (limit - self.leased) if limit is not None else sys.maxsize
+        by_memory = len(self.idle) + self.runtime.memory_headroom_mb() // self.config.memory_mb
+        return max(min(by_reserved, by_memory), 0)
+
+    def try_acquire(self) -> Lease | None:
+        limit = self.config.reserved_concurrency
+        if limit is not None and self.leased >= limit:
+            return None
+        while self.idle:
+            env = self.idle.pop()
+            if env.state is EnvState.IDLE:
+                self.leased += 1
+                return Lease(self, env)
+        if not self.runtime._reserve_memory(self.config.memory_mb, exclude=self):
+            return None
+        env = Environment(self)
+        self.envs.add(env)
+        self.leased += 1
+        return Lease(self, env)
+
+    async def acquire(self, timeout: float | None = None) -> Lease | None:
+        """Wait for a slot; None if ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            lease = self.try_acquire()
+            if lease is not None:
+                return lease
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            waiter = self.runtime._loop.create_future()
+            self.runtime._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                return None
+
+    async def invoke(
+        self,
+        event: bytes,
+        *,
+        request_id: str | None = None,
+        client_context: dict[str, Any] | None = None,
+        capture_logs: bool = False,
+    ) -> InvokeResult:
+        """One invoke now, or a throttled result at once if the function has no free slot."""
+        request_id = request_id or str(uuid.uuid4())
+        lease = self.try_acquire()
+        if lease is None:
+            limit = self.config.reserved_concurrency
+            reason = (
+                "ReservedFunctionConcurrentInvocationLimitExceeded"
+                if limit is not None and self.leased >= limit
+                else "DaemonMemoryBudgetExceeded"
+            )
+            self.runtime.log.warning(
+                "invoke throttled", function=self.name, request_id=request_id, reason=reason
+            )
+            return throttled_result(self.name, request_id, reason)
+        return await lease.invoke(
+            event, request_id=request_id, client_context=client_context, capture_logs=capture_logs
+        )
+
+    async def _invoke_on(
+        self,
+        env: Environment,
+        event: bytes,
+        request_id: str,
+        client_context: dict[str, Any] | None,
+        capture_logs: bool,
+    ) -> InvokeResult:
+        runtime = self.runtime
+        if len(event) > runtime.max_request_bytes:
+            return InvokeResult(
+                Outcome.INVALID_REQUEST,
+                _error(
+                    "RequestEntityTooLargeException",
+                    f"Request must be smaller than {runtime.max_request_bytes} bytes for the "
+                    f"Invoke operation (it was {len(event)} bytes)",
+                    request_id,
+                ),
+                request_id,
+            )
+        capture: list[str] | None = [] if capture_logs else None
+        if env.state is EnvState.NEW:
+            # Module-level output during init belongs to the invoke that caused the cold start.
+            env._request_id, env._capture = request_id, capture
+            failure = await env.start()
+            env._request_id, env._capture = None, None
+            if failure is not None:
+                failure.request_id = request_id
+                env.kill("init failed")
+                runtime.log.error(
+                    "function init failed",
+                    function=self.name,
+                    request_id=request_id,
+                    error=failure.error,
+                )
+                failure.log_lines = capture
+                return failure
+        runtime.in_flight += 1
+        try:
+            return await env.invoke(request_id, event, client_context, capture)
+        finally:
+            runtime.in_flight -= 1
+
+    def _return(self, env: Environment) -> None:
+        self.leased -= 1
+        if env.state is EnvState.IDLE:
+            env.last_used = time.monotonic()
+            self.idle.append(env)
+        elif env.state is EnvState.NEW:
+            # Claimed but never started: give its memory back.
+            self._forget(env)
+        self.runtime._wake()
+
+    def _forget(self, env: Environment) -> None:
+        if env in self.envs:
+            self.envs.discard(env)
+            self.runtime.memory_used_mb -= self.config.memory_mb
+            if env in self.idle:
+                self.idle.remove(env)
+            self.runtime._wake()
+
+    def provisioned_alive(self) -> int:
+        return sum(1 for env in self.envs if env.provisioned and env.state is not EnvState.DEAD)
+
+    async def provision(self) -> None:
+        """Start environments until ``provisioned_concurrency`` are alive."""
+        missing = self.config.provisioned_concurrency - self.provisioned_alive()
+        starts = []
+        for _ in range(missing):
+            if not self.runtime._reserve_memory(self.config.memory_mb, exclude=self):
+                self.runtime.log.error(
+                    "cannot keep provisioned environments: daemon memory budget exhausted",
+                    function=self.name,
+                    memory_budget_mb=self.runtime.memory_budget_mb,
+                )
+                break
+            env = Environment(self, provisioned=True)
+            self.envs.add(env)
+            starts.append(self._start_provisioned(env))
+        if starts:
+            await asyncio.gather(*starts)
+
+    async def _start_provisioned(self, env: Environment) -> None:
+        failure = await env.start()
+        if failure is not None:
+            env.kill("init failed")
+            self.runtime.log.error(
+                "provisioned environment failed to initialise",
+                function=self.name,
+                error=failure.error,
+            )
+            return
+        self.idle.insert(0, env)
+        self.runtime._wake()
+
+    def reap_idle(self, now: float) -> None:
+        cutoff = now - self.config.idle_timeout_s
+        for env in list(self.idle):
+            if not env.provisioned and env.last_used < cutoff:
+                self.idle.remove(env)
+                env.kill("idle")
+
+    def close(self) -> None:
+        for env in list(self.envs):
+            env.kill("shutdown")
+
+
+class Runtime:
+    """Every function's pool, plus the daemon-wide memory budget they share."""
+
+    def __init__(
+        self,
+        functions: Iterable[FunctionConfig],
+        *,
+        memory_budget_mb: int,
+        max_request_bytes: int = MAX_PAYLOAD_BYTES,
+        max_response_bytes: int = MAX_PAYLOAD_BYTES,
+        region: str = "us-east-1",
+        account: str = "000000000000",
+        log: JsonLog | None = None,
+    ) -> None:
+        self.memory_budget_mb = memory_budget_mb
+        self.memory_used_mb = 0
+        self.max_request_bytes = max_request_bytes
+        self.max_response_bytes = max_response_bytes
+        self.region = region
+        self.account = account
+        self.log = log or default_log
+        self.in_flight = 0
+        self._loop = asyncio.get_running_loop()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.pools = {fn.name: FunctionPool(self, fn) for fn in functions}
+
+    def function_arn(self, name: str) -> str:
+        return f"arn:aws:lambda:{self.region}:{self.account}:function:{name}"
+
+    def pool(self, name: str) -> FunctionPool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            known = ", ".join(sorted(self.pools)) or "none"
+            raise KeyError(
+                f"function {name!r} is not defined (defined: {known}); add it under [[functions]]"
+            ) from None
+
+    async def invoke(self, function: str, event: bytes, **kwargs: Any) -> InvokeResult:
+        return await self.pool(function).invoke(event, **kwargs)
+
+    def memory_headroom_mb(self) -> int:
+        return max(self.memory_budget_mb - self.memory_used_mb, 0)
+
+    def _reserve_memory(self, needed_mb: int, exclude: FunctionPool) -> bool:
+        if self.memory_used_mb + needed_mb > self.memory_budget_mb:
+            self._evict_idle(needed_mb - self.memory_headroom_mb(), exclude)
+        if self.memory_used_mb + needed_mb > self.memory_budget_mb:
+            return False
+        self.memory_used_mb += needed_mb
+        return True
+
+    def _evict_idle(self, needed_mb: int, exclude: FunctionPool) -> None:
+        """Free memory held by idle environments of other functions, least recently used first."""
+        candidates = sorted(
+            (env for pool in self.pools.values() if pool is not exclude for env in pool.idle
+             if not env.provisioned),
+            key=lambda env: env.last_used,
+        )
+        freed = 0
+        for env in candidates:
+            if freed >= needed_mb:
+                break
+            env.pool.idle.remove(env)
+            env.kill("evicted")
+            freed += env.config.memory_mb
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def start(self) -> None:
+        """Start provisioned environments and the monitor and reaper loops."""
+        await asyncio.gather(*(pool.provision() for pool in self.pools.values()))
+        self._tasks.append(self._loop.create_task(self._monitor_memory()))
+        self._tasks.append(self._loop.create_task(self._maintain()))
+
+    async def _monitor_memory(self) -> None:
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            for pool in self.pools.values():
+                limit = pool.config.memory_mb
+                for env in list(pool.envs):
+                    if env.state is EnvState.BUSY and env.rss_mb() > limit:
+                        env.kill("memory")
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+            now = time.monotonic()
+            for pool in self.pools.values():
+                pool.reap_idle(now)
+                if pool.provisioned_alive() < pool.config.provisioned_concurrency:
+                    await pool.provision()
+
+    def environments(self) -> int:
+        return sum(len(pool.envs) for pool in self.pools.values())
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        procs = [env.proc for pool in self.pools.values() for env in pool.envs if env.proc]
+        for pool in self.pools.values():
+            pool.close()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.wait_for(proc.wait(), 5)
+        self.log.flush()
