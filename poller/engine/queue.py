@@ -1,0 +1,484 @@
+"""Queue mappings (SQS-like sources): Lambda's delivery contract, written once for every source.
+
+A runner owns one mapping. It keeps ``target`` poller tasks; each poller loops:
+
+1. take a function slot (a lease) first, so a batch is never received with nowhere to run it
+   (a throttle must not burn receive counts);
+2. receive until BatchSize, the batching window or the 6 MB payload cap, removing messages
+   that match no filter and dead-lettering those past maxReceiveCount (for sources without
+   native redrive);
+3. invoke, extending the messages' visibility while the invoke outlives it;
+4. settle: delete on success, all but the reported ``batchItemFailures`` on a partial
+   response, nothing on a failure (the messages reappear after their visibility timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from poller.engine.batching import Batch, parse_batch_item_failures
+from poller.engine.filtering import RecordFilter
+from poller.events import encode_sqs_event
+from poller.logs import JsonLog
+from poller.metrics import MappingMetrics
+from poller.runtime.pool import NOT_RUN, FunctionPool, Lease, Outcome
+from poller.sources.base import Depth, Message, QueueSource, SourceError
+
+DEFAULT_CONCURRENCY = 2
+LONG_POLL_S = 20.0
+DEPTH_INTERVAL_S = 1.0
+MANAGE_INTERVAL_S = 0.25
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+@dataclass(slots=True)
+class QueueSettings:
+    """What a runner needs from a mapping, resolved once."""
+
+    uuid: str
+    function_name: str
+    batch_size: int
+    batching_window_s: float
+    report_batch_item_failures: bool
+    maximum_concurrency: int | None
+    max_payload_bytes: int
+    filter: RecordFilter | None = None
+
+
+@dataclass(slots=True)
+class OutcomeCounts:
+    """Outcomes since the scaling controller last looked."""
+
+    ok: int = 0
+    errors: int = 0
+    throttles: int = 0
+    partials: int = 0
+    batch_seconds: float = 0.0
+    batches_completed: int = 0
+    empty_polls: int = 0
+
+    def take(self) -> OutcomeCounts:
+        taken = OutcomeCounts(
+            self.ok, self.errors, self.throttles, self.partials, self.batch_seconds,
+            self.batches_completed, self.empty_polls,
+        )
+        self.ok = self.errors = self.throttles = self.partials = 0
+        self.batch_seconds = 0.0
+        self.batches_completed = self.empty_polls = 0
+        return taken
+
+
+class ConcurrencyPolicy:
+    """Decides how many batches run at once. The fixed policy; scaling.py supplies a live one."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+
+    def tick(self, now: float, depth: Depth | None, in_flight: int, counts: OutcomeCounts) -> int:
+        return self.target
+
+    @property
+    def poll_wait_s(self) -> float:
+        return LONG_POLL_S
+
+
+class QueueRunner:
+    def __init__(
+        self,
+        settings: QueueSettings,
+        source: QueueSource,
+        pool: FunctionPool,
+        *,
+        log: JsonLog,
+        metrics: MappingMetrics,
+        policy: ConcurrencyPolicy | None = None,
+        on_status: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.pool = pool
+        self.log = log
+        self.metrics = metrics
+        self.policy = policy or ConcurrencyPolicy(
+            settings.maximum_concurrency or DEFAULT_CONCURRENCY
+        )
+        self._on_status = on_status
+        self._status = ""
+        self.target = 0
+        self.in_flight = 0
+        self.depth: Depth | None = None
+        self.counts = OutcomeCounts()
+        self._pollers: dict[int, asyncio.Task[None]] = {}
+        self._invoking: set[int] = set()
+        self._stopping = False
+        self._started = asyncio.Event()
+        self._outage_since: float | None = None
+        self._backoff = BACKOFF_MIN_S
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._settles: set[asyncio.Task[None]] = set()
+        self._fields = {"mapping": settings.uuid, "function": settings.function_name}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
+
+    async def run(self) -> None:
+        """Start the source (retrying while it is unreachable), then keep the pollers going."""
+        while not self._stopping:
+            try:
+                await self.source.start()
+                break
+            except SourceError as exc:
+                self._source_failed("start", exc)
+                await asyncio.sleep(self._next_backoff())
+        if self._stopping:
+            return
+        self._source_ok()
+        self.metrics.running.set(1)
+        self._started.set()
+        self.log.info("mapping runner started", **self._fields,
+                      visibility_timeout_s=self.source.visibility_timeout_s)
+        if self.pool.config.timeout_s > self.source.visibility_timeout_s:
+            # Lambda refuses this mapping; the heartbeat makes it safe here, so only warn.
+            self.log.warning(
+                f"Queue visibility timeout: {self.source.visibility_timeout_s:g} seconds is less "
+                f"than Function timeout: {self.pool.config.timeout_s:g} seconds; poller extends "
+                "visibility while invokes run, but consider raising the queue's timeout",
+                **self._fields,
+            )
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._watch_depth()))
+        await self._manage()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop receiving; let in-flight invokes finish and settle within grace_s."""
+        self._stopping = True
+        for index, task in list(self._pollers.items()):
+            if index not in self._invoking:
+                task.cancel()
+        pending = [t for t in self._pollers.values() if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            if still:
+                self.log.warning(
+                    "shutdown grace expired with invokes in flight; their messages will be "
+                    "redelivered after the visibility timeout",
+                    **self._fields, in_flight=len(still),
+                )
+                for task in still:
+                    task.cancel()
+                await asyncio.wait(still, timeout=5)
+        if self._settles:
+            await asyncio.wait(list(self._settles), timeout=max(grace_s, 1))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.metrics.running.set(0)
+        self.metrics.concurrent.set(0)
+        with contextlib.suppress(Exception):
+            await self.source.close()
+
+    async def _manage(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            counts = self.counts.take()
+            target = self.policy.tick(time.monotonic(), self.depth, self.in_flight, counts)
+            if target != self.target:
+                self.target = target
+                self.metrics.concurrency_target.set(target)
+            for index in range(target):
+                task = self._pollers.get(index)
+                if task is None or task.done():
+                    self._pollers[index] = loop.create_task(self._poll_loop(index))
+            for index in [i for i in self._pollers if i >= target]:
+                if self._pollers[index].done():
+                    del self._pollers[index]
+            await asyncio.sleep(MANAGE_INTERVAL_S)
+
+    # -- source health -----------------------------------------------------------------------
+
+    def _next_backoff(self) -> float:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        return delay * random.uniform(0.8, 1.2)
+
+    def _source_failed(self, operation: str, exc: SourceError) -> None:
+        self.metrics.source_error(operation).inc()
+        self.metrics.source_connected.set(0)
+        if self._outage_since is None:
+            # Once per outage, not once per retry.
+            self._outage_since = time.monotonic()
+            self.log.error(f"event source unavailable: {exc}", **self._fields,
+                           operation=operation, retryable=exc.retryable)
+            self._set_status(f"PROBLEM: {exc}")
+
+    def _source_ok(self) -> None:
+        self._backoff = BACKOFF_MIN_S
+        if self._outage_since is not None:
+            self.log.info("event source reachable again", **self._fields,
+                          outage_s=round(time.monotonic() - self._outage_since, 3))
+            self._outage_since = None
+        self.metrics.source_connected.set(1)
+
+    def _set_status(self, status: str) -> None:
+        if status != self._status:
+            self._status = status
+            if self._on_status is not None:
+                self._on_status(status)
+
+    async def _watch_depth(self) -> None:
+        while True:
+            try:
+                depth = await self.source.depth()
+            except SourceError as exc:
+                self._source_failed("depth", exc)
+            else:
+                self.depth = depth
+                self.metrics.visible.set(depth.visible)
+                self.metrics.in_flight.set(depth.in_flight)
+            await asyncio.sleep(DEPTH_INTERVAL_S)
+
+    # -- the poller loop ---------------------------------------------------------------------
+
+    async def _poll_loop(self, index: int) -> None:
+        pool = self.pool
+        carry: list[Message] = []
+        try:
+            while not self._stopping and index < self.target:
+                lease = pool.try_acquire()
+                if lease is None:
+                    self.counts.throttles += 1
+                    self.metrics.throttles.inc()
+                    lease = await pool.acquire(timeout=1.0)  # wait for a slot; never receive
+                    if lease is None:
+                        continue
+                try:
+                    batch = await self._collect(carry)
+                except SourceError as exc:
+                    lease.release()
+                    self._source_failed("receive", exc)
+                    await asyncio.sleep(self._next_backoff())
+                    continue
+                except BaseException:
+                    lease.release()
+                    raise
+                if not batch:
+                    lease.release()
+                    self.counts.empty_polls += 1
+                    continue
+                self._invoking.add(index)
+                try:
+                    await self._process(batch, lease)
+                finally:
+                    self._invoking.discard(index)
+        finally:
+            if carry:
+                # Held back by the size cap: let another consumer have them now.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.source.change_visibility(carry, 0))
+
+    async def _collect(self, carry: list[Message]) -> Batch:
+        settings = self.settings
+        source = self.source
+        batch = Batch(settings.batch_size, settings.max_payload_bytes)
+        while carry and batch.add(carry[0]):
+            carry.pop(0)
+        if batch.full or carry:
+            return batch
+        deadline = time.monotonic() + settings.batching_window_s
+        wait = 0.0 if batch else self.policy.poll_wait_s
+        while True:
+            want = min(settings.batch_size - len(batch), source.max_receive_batch)
+            messages = await source.receive(want, wait)
+            self._source_ok()
+            if messages:
+                now = time.monotonic()
+                for message in messages:
+                    message.extra["rt"] = now
+                messages = await self._admit(messages, batch)
+                for message in messages:
+                    if not batch.add(message):
+                        carry.append(message)
+            if batch.full or carry:
+                return batch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return batch
+            if not messages and not batch and settings.batching_window_s == 0:
+                return batch
+            # Inside the window: keep gathering, but don't sleep past its end.
+            wait = min(remaining, LONG_POLL_S)
+
+    async def _admit(self, messages: list[Message], batch: Batch) -> list[Message]:
+        """Drop what must not be invoked: filtered out, past maxReceiveCount, too big."""
+        metrics = self.metrics
+        metrics.polled.inc(len(messages))
+        source = self.source
+        limit = source.max_receive_count
+        record_filter = self.settings.filter
+        admitted: list[Message] = []
+        filtered: list[Message] = []
+        exhausted: list[Message] = []
+        oversized: list[Message] = []
+        for message in messages:
+            if not source.native_redrive and limit is not None and message.receive_count > limit:
+                exhausted.append(message)
+            elif record_filter is not None and not record_filter.matches_sqs(message.record):
+                filtered.append(message)
+            elif batch.too_big_alone(message):
+                oversized.append(message)
+            else:
+                admitted.append(message)
+        if filtered:
+            # Lambda deletes SQS messages that match no filter (ESM_SEMANTICS.md §3.6).
+            await source.delete(filtered)
+            metrics.filtered_out.inc(len(filtered))
+        if exhausted:
+            await self._dead_letter(exhausted, f"maxReceiveCount {limit} exceeded")
+        if oversized:
+            await self._dead_letter(
+                oversized,
+                f"record larger than the {self.settings.max_payload_bytes}-byte event limit",
+            )
+        return admitted
+
+    async def _dead_letter(self, messages: list[Message], reason: str) -> None:
+        if self.source.native_redrive:
+            self.log.error("message can never be delivered and the queue's own redrive policy "
+                           "will move it", **self._fields, reason=reason,
+                           message_ids=[m.id for m in messages])
+            return
+        await self.source.dead_letter(messages, reason)
+        self.metrics.dead_lettered.inc(len(messages))
+        self.log.warning("messages dead-lettered", **self._fields, reason=reason,
+                         message_ids=[m.id for m in messages])
+
+    # -- invoke and settle -------------------------------------------------------------------
+
+    async def _process(self, batch: Batch, lease: Lease) -> None:
+        metrics = self.metrics
+        messages = batch.messages
+        count = len(messages)
+        event = encode_sqs_event([m.record for m in messages])
+        metrics.invoked.inc(count)
+        metrics.batch_size.observe(count)
+        self.in_flight += 1
+        metrics.concurrent.inc()
+        heartbeat = self._start_heartbeat(messages)
+        started = time.perf_counter()
+        try:
+            result = await lease.invoke(event)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            self.in_flight -= 1
+            metrics.concurrent.dec()
+        elapsed = time.perf_counter() - started
+        metrics.duration.observe(elapsed)
+        metrics.outcome(result.outcome.value).inc()
+        counts = self.counts
+        counts.batch_seconds += elapsed
+        counts.batches_completed += 1
+
+        if result.outcome is Outcome.OK:
+            failed: set[str] | None = set()
+            if self.settings.report_batch_item_failures:
+                failed = parse_batch_item_failures(result.payload, {m.id for m in messages})
+                if failed is None:
+                    self.log.warning(
+                        "invalid batchItemFailures response: the whole batch will be retried",
+                        **self._fields, request_id=result.request_id,
+                        response=result.payload[:500].decode(errors="replace"),
+                    )
+                    failed = {m.id for m in messages}
+                    counts.errors += 1
+                elif failed:
+                    counts.partials += 1
+                else:
+                    counts.ok += 1
+            else:
+                counts.ok += 1
+            done = [m for m in messages if m.id not in failed] if failed else messages
+            if failed:
+                metrics.failed_invoke.inc(len(failed))
+            self._set_status("OK")
+            if done:
+                await self._settle(done)
+            return
+
+        metrics.failed_invoke.inc(count)
+        if result.outcome in NOT_RUN:
+            counts.throttles += 1
+        else:
+            counts.errors += 1
+            metrics.errors.inc()
+        self._set_status("PROBLEM: Function call failed")
+        error = result.error or {}
+        self.log.warning(
+            "invoke failed; the batch returns to the queue after its visibility timeout",
+            **self._fields, request_id=result.request_id, outcome=result.outcome.value,
+            error_type=error.get("errorType"), error_message=error.get("errorMessage"),
+            messages=count,
+        )
+
+    async def _settle(self, messages: list[Message]) -> None:
+        # Shielded: a shutdown that cancels this poller must still acknowledge what succeeded.
+        task = asyncio.ensure_future(self._delete(messages))
+        self._settles.add(task)
+        task.add_done_callback(self._settles.discard)
+        await asyncio.shield(task)
+
+    async def _delete(self, messages: list[Message]) -> None:
+        for attempt in range(3):
+            try:
+                await self.source.delete(messages)
+            except SourceError as exc:
+                self._source_failed("delete", exc)
+                if attempt == 2:
+                    self.log.error(
+                        "could not delete processed messages; they will be delivered again",
+                        **self._fields, messages=len(messages), error=str(exc),
+                    )
+                    return
+                await asyncio.sleep(self._next_backoff())
+            else:
+                self.metrics.deleted.inc(len(messages))
+                return
+
+    def _start_heartbeat(self, messages: list[Message]) -> asyncio.Task[None] | None:
+        visibility = self.source.visibility_timeout_s
+        oldest = min(m.extra.get("rt", time.monotonic()) for m in messages)
+        margin = min(5.0, visibility * 0.25)
+        expires = oldest + visibility
+        # An invoke cannot outlive the function timeout, so most batches need no heartbeat.
+        if time.monotonic() + self.pool.config.timeout_s + margin < expires:
+            return None
+        return asyncio.get_running_loop().create_task(
+            self._heartbeat(messages, expires, visibility, margin)
+        )
+
+    async def _heartbeat(
+        self, messages: list[Message], expires: float, visibility: float, margin: float
+    ) -> None:
+        while True:
+            await asyncio.sleep(max(expires - margin - time.monotonic(), 0))
+            try:
+                await self.source.change_visibility(messages, visibility)
+            except SourceError as exc:
+                self._source_failed("change_visibility", exc)
+                await asyncio.sleep(min(margin / 2, 1.0))
+                continue
+            expires = time.monotonic() + visibility
+            self.log.debug("visibility extended", **self._fields, messages=len(messages),
+                           visibility_timeout_s=visibility)

@@ -1,0 +1,167 @@
+"""Every Prometheus metric poller exports, defined in one place.
+
+Names follow Prometheus conventions (`poller_..._total` counters, `_seconds` histograms) and map
+to Lambda's CloudWatch metrics (ESM_SEMANTICS.md §10): the EventCount group per mapping, and
+the function-level Invocations / Errors / Throttles / Duration / ConcurrentExecutions.
+Labels: `mapping` is the EventSourceMappingUUID, `function` the function name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_M = ("mapping", "function")
+
+polled_events = Counter(
+    "poller_polled_events_total", "Events read from the source (PolledEventCount).", _M,
+    registry=REGISTRY,
+)
+filtered_out_events = Counter(
+    "poller_filtered_out_events_total",
+    "Events that matched no filter pattern and were removed without an invoke "
+    "(FilteredOutEventCount).",
+    _M, registry=REGISTRY,
+)
+invoked_events = Counter(
+    "poller_invoked_events_total",
+    "Events handed to the function; retries count again (InvokedEventCount).", _M,
+    registry=REGISTRY,
+)
+failed_invoke_events = Counter(
+    "poller_failed_invoke_events_total",
+    "Events whose invoke failed or that were reported in batchItemFailures "
+    "(FailedInvokeEventCount).",
+    _M, registry=REGISTRY,
+)
+deleted_events = Counter(
+    "poller_deleted_events_total", "Events deleted/acknowledged after processing "
+    "(DeletedEventCount).", _M, registry=REGISTRY,
+)
+dropped_events = Counter(
+    "poller_dropped_events_total",
+    "Events dropped after exceeding retry or age limits (DroppedEventCount).", _M,
+    registry=REGISTRY,
+)
+dead_lettered_events = Counter(
+    "poller_dead_lettered_events_total",
+    "Events moved to a dead-letter target by poller (sources without native redrive).", _M,
+    registry=REGISTRY,
+)
+invocations = Counter(
+    "poller_invocations_total",
+    "Function invocations by outcome (ok, function_error, timeout, out_of_memory, crashed, "
+    "init_error, invalid_request).",
+    (*_M, "outcome"), registry=REGISTRY,
+)
+invoke_errors = Counter(
+    "poller_invoke_errors_total", "Invocations that ended in a function error (Errors).", _M,
+    registry=REGISTRY,
+)
+throttles = Counter(
+    "poller_throttles_total",
+    "Times a mapping found no free function slot and waited instead of receiving (Throttles).",
+    _M, registry=REGISTRY,
+)
+invoke_duration = Histogram(
+    "poller_invoke_duration_seconds", "Invoke round-trip time (Duration).", _M,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+             300, 900),
+    registry=REGISTRY,
+)
+batch_size = Histogram(
+    "poller_batch_size_events", "Events per invoked batch.", _M,
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2500, 5000, 10000),
+    registry=REGISTRY,
+)
+concurrent_executions = Gauge(
+    "poller_concurrent_executions", "Batches being processed now (ConcurrentExecutions).", _M,
+    registry=REGISTRY,
+)
+concurrency_target = Gauge(
+    "poller_mapping_concurrency_target",
+    "Concurrent batches the mapping's scaling controller aims for.", _M, registry=REGISTRY,
+)
+queue_visible = Gauge(
+    "poller_queue_visible_messages", "Messages waiting in the source queue.", _M,
+    registry=REGISTRY,
+)
+queue_in_flight = Gauge(
+    "poller_queue_in_flight_messages", "Messages received and not yet deleted.", _M,
+    registry=REGISTRY,
+)
+source_errors = Counter(
+    "poller_source_errors_total", "Failed calls to the event source.", (*_M, "operation"),
+    registry=REGISTRY,
+)
+source_connected = Gauge(
+    "poller_source_connected", "1 while the mapping's source is reachable, 0 during an outage.",
+    _M, registry=REGISTRY,
+)
+mapping_running = Gauge(
+    "poller_mapping_running", "1 for each mapping with a running runner.", _M,
+    registry=REGISTRY,
+)
+environments = Gauge(
+    "poller_environments", "Execution environments alive, by function.", ("function",),
+    registry=REGISTRY,
+)
+memory_used = Gauge(
+    "poller_memory_reserved_megabytes",
+    "Memory counted against the daemon budget by live environments.", registry=REGISTRY,
+)
+
+
+class MappingMetrics:
+    """The label children of one mapping, resolved once: label lookups are off the hot path."""
+
+    __slots__ = (
+        "batch_size",
+        "concurrency_target",
+        "concurrent",
+        "dead_lettered",
+        "deleted",
+        "dropped",
+        "duration",
+        "errors",
+        "failed_invoke",
+        "filtered_out",
+        "function",
+        "in_flight",
+        "invoked",
+        "mapping",
+        "polled",
+        "running",
+        "source_connected",
+        "throttles",
+        "visible",
+    )
+
+    def __init__(self, mapping: str, function: str) -> None:
+        self.mapping = mapping
+        self.function = function
+        labels = (mapping, function)
+        self.polled = polled_events.labels(*labels)
+        self.filtered_out = filtered_out_events.labels(*labels)
+        self.invoked = invoked_events.labels(*labels)
+        self.failed_invoke = failed_invoke_events.labels(*labels)
+        self.deleted = deleted_events.labels(*labels)
+        self.dropped = dropped_events.labels(*labels)
+        self.dead_lettered = dead_lettered_events.labels(*labels)
+        self.errors = invoke_errors.labels(*labels)
+        self.throttles = throttles.labels(*labels)
+        self.duration = invoke_duration.labels(*labels)
+        self.batch_size = batch_size.labels(*labels)
+        self.concurrent = concurrent_executions.labels(*labels)
+        self.concurrency_target = concurrency_target.labels(*labels)
+        self.visible = queue_visible.labels(*labels)
+        self.in_flight = queue_in_flight.labels(*labels)
+        self.source_connected = source_connected.labels(*labels)
+        self.running = mapping_running.labels(*labels)
+
+    def outcome(self, outcome: str) -> Counter:
+        return invocations.labels(self.mapping, self.function, outcome)
+
+    def source_error(self, operation: str) -> Counter:
+        return source_errors.labels(self.mapping, self.function, operation)
