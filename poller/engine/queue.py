@@ -24,6 +24,7 @@ from typing import Any
 
 from poller.engine.batching import Batch, parse_batch_item_failures
 from poller.engine.filtering import RecordFilter
+from poller.engine.scaling import Observation, ScalingController
 from poller.events import encode_sqs_event
 from poller.logs import JsonLog
 from poller.metrics import MappingMetrics
@@ -32,6 +33,10 @@ from poller.sources.base import Depth, Message, QueueSource, SourceError
 
 DEFAULT_CONCURRENCY = 2
 LONG_POLL_S = 20.0
+MIN_LONG_POLL_S = 1.0
+# Without ScalingConfig.MaximumConcurrency a mapping may grow to the function's own limit,
+# and at most to this (Lambda's per-mapping ceiling is 1,250 concurrent invokes).
+MAX_CONCURRENCY_CEILING = 1000
 DEPTH_INTERVAL_S = 1.0
 MANAGE_INTERVAL_S = 0.25
 BACKOFF_MIN_S = 0.5
@@ -62,16 +67,17 @@ class OutcomeCounts:
     partials: int = 0
     batch_seconds: float = 0.0
     batches_completed: int = 0
+    messages: int = 0  # in the completed batches
     empty_polls: int = 0
 
     def take(self) -> OutcomeCounts:
         taken = OutcomeCounts(
             self.ok, self.errors, self.throttles, self.partials, self.batch_seconds,
-            self.batches_completed, self.empty_polls,
+            self.batches_completed, self.messages, self.empty_polls,
         )
         self.ok = self.errors = self.throttles = self.partials = 0
         self.batch_seconds = 0.0
-        self.batches_completed = self.empty_polls = 0
+        self.batches_completed = self.messages = self.empty_polls = 0
         return taken
 
 
@@ -87,6 +93,59 @@ class ConcurrencyPolicy:
     @property
     def poll_wait_s(self) -> float:
         return LONG_POLL_S
+
+    @property
+    def reason(self) -> str:
+        return "fixed concurrency"
+
+
+class ScaledConcurrency(ConcurrencyPolicy):
+    """Concurrency that follows the backlog (engine/scaling.py decides)."""
+
+    def __init__(self, controller: ScalingController) -> None:
+        super().__init__(controller.target)
+        self.controller = controller
+        self._poll_wait_s = 0.0
+        self._reason = "starting"
+
+    def tick(self, now: float, depth: Depth | None, in_flight: int, counts: OutcomeCounts) -> int:
+        decision = self.controller.observe(
+            Observation(
+                now=now,
+                backlog=depth.backlog if depth is not None else -1,
+                in_flight=in_flight,
+                ok=counts.ok,
+                errors=counts.errors,
+                throttles=counts.throttles,
+                partials=counts.partials,
+                batch_seconds=counts.batch_seconds,
+                batches_completed=counts.batches_completed,
+                messages=counts.messages,
+                empty_polls=counts.empty_polls,
+            )
+        )
+        self.target = decision.target
+        self._poll_wait_s = decision.poll_wait_s
+        self._reason = decision.reason
+        return decision.target
+
+    @property
+    def poll_wait_s(self) -> float:
+        return self._poll_wait_s
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+def concurrency_bound(maximum_concurrency: int | None, pool: FunctionPool) -> int:
+    """The most batches a mapping may run: its own cap, the function's, the memory budget's."""
+    config = pool.config
+    bounds = [maximum_concurrency or MAX_CONCURRENCY_CEILING,
+              pool.runtime.memory_budget_mb // config.memory_mb]
+    if config.reserved_concurrency is not None:
+        bounds.append(config.reserved_concurrency)
+    return max(min(bounds), 1)
 
 
 class QueueRunner:
@@ -195,6 +254,8 @@ class QueueRunner:
             counts = self.counts.take()
             target = self.policy.tick(time.monotonic(), self.depth, self.in_flight, counts)
             if target != self.target:
+                self.log.debug("concurrency target changed", **self._fields,
+                               previous=self.target, target=target, reason=self.policy.reason)
                 self.target = target
                 self.metrics.concurrency_target.set(target)
             for index in range(target):
@@ -297,7 +358,9 @@ class QueueRunner:
         if batch.full or carry:
             return batch
         deadline = time.monotonic() + settings.batching_window_s
-        wait = 0.0 if batch else self.policy.poll_wait_s
+        # Long-poll even with a backlog (it returns as soon as anything is visible): a poller
+        # whose messages are all in flight must not spin on empty receives.
+        wait = 0.0 if batch else max(self.policy.poll_wait_s, MIN_LONG_POLL_S)
         while True:
             want = min(settings.batch_size - len(batch), source.max_receive_batch)
             messages = await source.receive(want, wait)
@@ -390,6 +453,7 @@ class QueueRunner:
         counts = self.counts
         counts.batch_seconds += elapsed
         counts.batches_completed += 1
+        counts.messages += count
 
         if result.outcome is Outcome.OK:
             failed: set[str] | None = set()

@@ -56,7 +56,7 @@ class QueueSource(Protocol):
     max_receive_count: int | None
     # Most messages one receive() call can return (10 for SQS).
     max_receive_batch: int
-    # Long polling supported: receive(wait_s > 0) blocks server-side until messages arrive.
+    # FIFO queue: the service keeps one batch in flight per message group.
     fifo: bool
 
     async def start(self) -> None:
