@@ -324,24 +324,29 @@ class QueueRunner:
                     lease = await pool.acquire(timeout=1.0)  # wait for a slot; never receive
                     if lease is None:
                         continue
+                heartbeat = Heartbeat(self)
                 try:
-                    batch = await self._collect(carry)
+                    batch = await self._collect(carry, heartbeat)
                 except SourceError as exc:
+                    heartbeat.cancel()
                     lease.release()
                     self._source_failed("receive", exc)
                     await asyncio.sleep(self._next_backoff())
                     continue
                 except BaseException:
+                    heartbeat.cancel()
                     lease.release()
                     raise
                 if not batch:
+                    heartbeat.cancel()
                     lease.release()
                     self.counts.empty_polls += 1
                     continue
                 self._invoking.add(index)
                 try:
-                    await self._process(batch, lease)
+                    await self._process(batch, lease, heartbeat)
                 finally:
+                    heartbeat.cancel()
                     self._invoking.discard(index)
         finally:
             if carry:
@@ -349,15 +354,17 @@ class QueueRunner:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.source.change_visibility(carry, 0))
 
-    async def _collect(self, carry: list[Message]) -> Batch:
+    async def _collect(self, carry: list[Message], heartbeat: Heartbeat) -> Batch:
         settings = self.settings
         source = self.source
         batch = Batch(settings.batch_size, settings.max_payload_bytes)
+        deadline = time.monotonic() + settings.batching_window_s
         while carry and batch.add(carry[0]):
             carry.pop(0)
+        if batch:
+            heartbeat.cover(batch.messages, deadline)
         if batch.full or carry:
             return batch
-        deadline = time.monotonic() + settings.batching_window_s
         # Long-poll even with a backlog (it returns as soon as anything is visible): a poller
         # whose messages are all in flight must not spin on empty receives.
         wait = 0.0 if batch else max(self.policy.poll_wait_s, MIN_LONG_POLL_S)
@@ -373,6 +380,8 @@ class QueueRunner:
                 for message in messages:
                     if not batch.add(message):
                         carry.append(message)
+                if batch:
+                    heartbeat.cover(batch.messages, deadline)
             if batch.full or carry:
                 return batch
             remaining = deadline - time.monotonic()
@@ -429,7 +438,7 @@ class QueueRunner:
 
     # -- invoke and settle -------------------------------------------------------------------
 
-    async def _process(self, batch: Batch, lease: Lease) -> None:
+    async def _process(self, batch: Batch, lease: Lease, heartbeat: Heartbeat) -> None:
         metrics = self.metrics
         messages = batch.messages
         count = len(messages)
@@ -438,13 +447,12 @@ class QueueRunner:
         metrics.batch_size.observe(count)
         self.in_flight += 1
         metrics.concurrent.inc()
-        heartbeat = self._start_heartbeat(messages)
+        heartbeat.cover(messages, time.monotonic())
         started = time.perf_counter()
         try:
             result = await lease.invoke(event)
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
+            heartbeat.cancel()
             self.in_flight -= 1
             metrics.concurrent.dec()
         elapsed = time.perf_counter() - started
@@ -520,29 +528,56 @@ class QueueRunner:
                 self.metrics.deleted.inc(len(messages))
                 return
 
-    def _start_heartbeat(self, messages: list[Message]) -> asyncio.Task[None] | None:
-        visibility = self.source.visibility_timeout_s
-        oldest = min(m.extra.get("rt", time.monotonic()) for m in messages)
+
+class Heartbeat:
+    """Keeps a batch's messages hidden from the first receive until the invoke ends.
+
+    Visibility runs from each message's receive, and a batch may gather for a whole batching
+    window before its invoke even starts; if the window plus the function timeout can outlast
+    the visibility timeout, the messages would reappear and run twice. Lambda asks users to
+    size the queue for that; we extend visibility instead (ChangeMessageVisibility).
+    """
+
+    __slots__ = ("_messages", "_runner", "_task")
+
+    def __init__(self, runner: QueueRunner) -> None:
+        self._runner = runner
+        self._messages: list[Message] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def cover(self, messages: list[Message], invoke_starts_by: float) -> None:
+        """Watch ``messages`` (a live list) if they could expire before the invoke ends."""
+        self._messages = messages
+        if self._task is not None:
+            return
+        runner = self._runner
+        visibility = runner.source.visibility_timeout_s
         margin = min(5.0, visibility * 0.25)
+        oldest = min(m.extra.get("rt", time.monotonic()) for m in messages)
         expires = oldest + visibility
         # An invoke cannot outlive the function timeout, so most batches need no heartbeat.
-        if time.monotonic() + self.pool.config.timeout_s + margin < expires:
-            return None
-        return asyncio.get_running_loop().create_task(
-            self._heartbeat(messages, expires, visibility, margin)
+        latest_end = max(invoke_starts_by, time.monotonic()) + runner.pool.config.timeout_s
+        if latest_end + margin < expires:
+            return
+        self._task = asyncio.get_running_loop().create_task(
+            self._beat(expires, visibility, margin)
         )
 
-    async def _heartbeat(
-        self, messages: list[Message], expires: float, visibility: float, margin: float
-    ) -> None:
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _beat(self, expires: float, visibility: float, margin: float) -> None:
+        runner = self._runner
         while True:
             await asyncio.sleep(max(expires - margin - time.monotonic(), 0))
             try:
-                await self.source.change_visibility(messages, visibility)
+                await runner.source.change_visibility(list(self._messages), visibility)
             except SourceError as exc:
-                self._source_failed("change_visibility", exc)
+                runner._source_failed("change_visibility", exc)
                 await asyncio.sleep(min(margin / 2, 1.0))
                 continue
             expires = time.monotonic() + visibility
-            self.log.debug("visibility extended", **self._fields, messages=len(messages),
-                           visibility_timeout_s=visibility)
+            runner.log.debug("visibility extended", **runner._fields,
+                             messages=len(self._messages), visibility_timeout_s=visibility)

@@ -83,7 +83,11 @@ class QueueSource(Protocol):
 
 
 class QueueSender(Protocol):
-    """Putting messages on a queue: `poller send` and the tests."""
+    """Putting messages on a queue: `poller send` and the tests. start() before send()."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
     async def send(
         self,

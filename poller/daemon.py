@@ -1,0 +1,342 @@
+"""The daemon: reconcile the registry with running mapping runners; signals; drain; HTTP.
+
+Signal handlers only record what happened; one loop acts on it. The first SIGTERM/SIGINT
+drains (stop receiving, let in-flight invokes finish within shutdown_grace_s, settle them);
+a second one exits at once. Either way nothing is lost: an unsettled message reappears after
+its visibility timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from poller import metrics
+from poller.config import Config
+from poller.engine.filtering import compile_filter_criteria
+from poller.engine.queue import (
+    QueueRunner,
+    QueueSettings,
+    ScaledConcurrency,
+    concurrency_bound,
+)
+from poller.engine.scaling import ScalingController
+from poller.logs import JsonLog
+from poller.mappings import Mapping, MappingError
+from poller.registry import Registry
+from poller.runtime.pool import Runtime
+from poller.sources import open_queue_source
+from poller.sources.base import SourceError
+from poller.state.base import StateError, StateStore, open_store
+
+# Fields that describe what a runner does; a change to any other field (status, timestamps)
+# does not restart the runner.
+_VOLATILE = ("last_processing_result", "last_modified", "state_transition_reason")
+
+
+class DaemonError(Exception):
+    """Start-up failed in a way the operator must fix (the message says how)."""
+
+
+def _spec(mapping: Mapping) -> dict[str, Any]:
+    data = mapping.to_dict()
+    for key in _VOLATILE:
+        data.pop(key, None)
+    return data
+
+
+@dataclass
+class RunningMapping:
+    mapping: Mapping
+    spec: dict[str, Any]
+    runner: QueueRunner
+    task: asyncio.Task[None]
+
+
+class Supervisor:
+    """Keeps one runner per enabled mapping, following registry changes."""
+
+    def __init__(self, config: Config, store: StateStore, runtime: Runtime, log: JsonLog) -> None:
+        self.config = config
+        self.store = store
+        self.registry = Registry(store)
+        self.runtime = runtime
+        self.log = log
+        self.running: dict[str, RunningMapping] = {}
+        self.problems: dict[str, str] = {}
+        self.reconciled = asyncio.Event()
+        self._revision: int | None = None
+
+    async def watch(self, stopping: asyncio.Event) -> None:
+        interval = self.config.daemon.reconcile_interval_s
+        while not stopping.is_set():
+            try:
+                revision = await self.store.revision()
+                if revision != self._revision:
+                    await self.reconcile()
+                    self._revision = revision
+            except StateError as exc:
+                self.log.error(f"state store unavailable: {exc}")
+            self._reap_finished()
+            self.reconciled.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval)
+
+    def _reap_finished(self) -> None:
+        for uuid, running in list(self.running.items()):
+            task = running.task
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                self.log.error(f"mapping runner failed: {exc!r}; restarting it", mapping=uuid)
+                del self.running[uuid]
+                self._revision = None  # forces a reconcile that starts it again
+
+    async def reconcile(self) -> None:
+        mappings = {m.uuid: m for m in await self.registry.list()}
+        wanted = {uuid: m for uuid, m in mappings.items() if m.enabled}
+        stops = []
+        for uuid, running in list(self.running.items()):
+            mapping = wanted.get(uuid)
+            if mapping is None or _spec(mapping) != running.spec:
+                reason = "deleted" if uuid not in mappings else (
+                    "disabled" if mapping is None else "updated")
+                self.log.info(f"mapping {reason}: stopping its runner", mapping=uuid)
+                del self.running[uuid]
+                stops.append(self._stop(running, self.config.daemon.shutdown_grace_s))
+        if stops:
+            await asyncio.gather(*stops)
+        for uuid in list(self.problems):
+            if uuid not in wanted:
+                del self.problems[uuid]
+        for uuid, mapping in wanted.items():
+            if uuid not in self.running:
+                self._start(mapping)
+
+    def _start(self, mapping: Mapping) -> None:
+        fields = {"mapping": mapping.uuid, "function": mapping.function_name}
+        try:
+            pool = self.runtime.pool(mapping.function_name)
+        except KeyError as exc:
+            self._problem(mapping, f"PROBLEM: {exc.args[0]}")
+            return
+        if not mapping.source.is_queue:
+            self._problem(
+                mapping,
+                f"PROBLEM: {mapping.kind} sources are not supported by this poller version",
+            )
+            return
+        try:
+            source = open_queue_source(mapping, self.config, self.store)
+            record_filter = (
+                compile_filter_criteria(mapping.filter_criteria)
+                if mapping.filter_criteria else None
+            )
+        except (SourceError, MappingError, ValueError) as exc:
+            self._problem(mapping, f"PROBLEM: {exc}")
+            return
+        settings = QueueSettings(
+            uuid=mapping.uuid,
+            function_name=mapping.function_name,
+            batch_size=mapping.batch_size,
+            batching_window_s=mapping.batching_window_s,
+            report_batch_item_failures=mapping.report_batch_item_failures,
+            maximum_concurrency=mapping.maximum_concurrency,
+            max_payload_bytes=self.config.daemon.max_request_bytes,
+            filter=record_filter,
+        )
+        uuid = mapping.uuid
+        controller = ScalingController(
+            maximum=concurrency_bound(mapping.maximum_concurrency, pool),
+            batch_size=mapping.batch_size,
+        )
+        runner = QueueRunner(
+            settings,
+            source,
+            pool,
+            log=self.log,
+            metrics=metrics.MappingMetrics(uuid, mapping.function_name),
+            policy=ScaledConcurrency(controller),
+            on_status=lambda status: self._record_status(uuid, status),
+        )
+        task = asyncio.get_running_loop().create_task(runner.run())
+        self.running[uuid] = RunningMapping(mapping, _spec(mapping), runner, task)
+        self.problems.pop(uuid, None)
+        self.log.info("mapping runner starting", **fields, source=mapping.source.display_uri,
+                      batch_size=mapping.batch_size)
+
+    def _problem(self, mapping: Mapping, status: str) -> None:
+        if self.problems.get(mapping.uuid) != status:
+            self.log.error(status, mapping=mapping.uuid, function=mapping.function_name)
+            self.problems[mapping.uuid] = status
+            self._record_status(mapping.uuid, status)
+
+    def _record_status(self, uuid: str, status: str) -> None:
+        async def write() -> None:
+            with contextlib.suppress(StateError):
+                await self.store.set_status(uuid, {"LastProcessingResult": status})
+
+        task = asyncio.get_running_loop().create_task(write())
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _stop(self, running: RunningMapping, grace_s: float) -> None:
+        await running.runner.stop(grace_s)
+        running.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await running.task
+
+    async def stop_all(self, grace_s: float) -> None:
+        running = list(self.running.values())
+        self.running.clear()
+        await asyncio.gather(*(self._stop(r, grace_s) for r in running))
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        waiting = [uuid for uuid, r in self.running.items() if not r.runner.started]
+        ok = self.reconciled.is_set() and not waiting
+        return ok, {"reconciled": self.reconciled.is_set(), "runners": len(self.running),
+                    "starting": waiting, "problems": self.problems}
+
+
+class Daemon:
+    def __init__(self, config: Config, log: JsonLog | None = None) -> None:
+        self.config = config
+        self.log = log or JsonLog(level=config.daemon.log_level)
+        self.stopping = asyncio.Event()
+        self._signals = 0
+        self.store: StateStore | None = None
+        self.runtime: Runtime | None = None
+        self.supervisor: Supervisor | None = None
+        self._http: web.AppRunner | None = None
+
+    async def run(self) -> int:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self._start()
+        except DaemonError as exc:
+            self.log.error(str(exc))
+            await self._close()
+            return 1
+        self.log.info("poller daemon running", config=config.path,
+                      http=config.daemon.http_listen, state=_safe_url(config.state_url),
+                      functions=[f.name for f in config.functions])
+        assert self.supervisor is not None
+        watcher = loop.create_task(self.supervisor.watch(self.stopping))
+        await self.stopping.wait()
+        self.log.info("draining: no new receives; waiting for in-flight invokes",
+                      grace_s=config.daemon.shutdown_grace_s)
+        started = time.monotonic()
+        await watcher
+        await self.supervisor.stop_all(config.daemon.shutdown_grace_s)
+        await self._close()
+        self.log.info("poller daemon stopped", drain_s=round(time.monotonic() - started, 3))
+        self.log.flush()
+        return 0
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self.log.info(f"received {sig.name}: shutting down gracefully "
+                          "(send it again to exit at once)")
+            self.stopping.set()
+            return
+        self.log.warning(f"received {sig.name} again: exiting now; unsettled messages will be "
+                         "redelivered after their visibility timeout")
+        self.log.flush()
+        if self.runtime is not None:
+            for pool in self.runtime.pools.values():
+                pool.close()
+        os._exit(1)
+
+    async def _start(self) -> None:
+        config = self.config
+        try:
+            self.store = open_store(config.state_url, key_prefix=config.state.key_prefix)
+            await self.store.open()
+        except StateError as exc:
+            raise DaemonError(f"cannot open the state store: {exc}") from None
+        registry = Registry(self.store)
+        try:
+            declared = await registry.upsert_declared(config.mappings, config.path)
+        except MappingError as exc:
+            raise DaemonError(f"invalid mapping in the config file: {exc}") from None
+        for mapping in declared:
+            self.log.info("declared mapping registered", mapping=mapping.uuid, name=mapping.name,
+                          function=mapping.function_name, source=mapping.source.display_uri)
+        self.runtime = Runtime(
+            config.functions,
+            memory_budget_mb=config.daemon.memory_mb,
+            max_request_bytes=config.daemon.max_request_bytes,
+            max_response_bytes=config.daemon.max_response_bytes,
+            region=config.aws.region,
+            account=config.aws.account,
+            log=self.log,
+        )
+        await self.runtime.start()
+        self.supervisor = Supervisor(config, self.store, self.runtime, self.log)
+        await self._start_http()
+
+    async def _start_http(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = self.config.daemon.http_host_port
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise DaemonError(
+                f"cannot listen on {self.config.daemon.http_listen} ([daemon] http_listen): "
+                f"{exc.strerror}; pick a free port"
+            ) from None
+        self._http = runner
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.runtime is not None:
+            for name, pool in self.runtime.pools.items():
+                metrics.environments.labels(name).set(len(pool.envs))
+            metrics.memory_used.set(self.runtime.memory_used_mb)
+        body = generate_latest(metrics.REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        store_ok = False
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                store_ok = await asyncio.wait_for(self.store.ping(), 2)
+        runners_ok, detail = self.supervisor.ready() if self.supervisor else (False, {})
+        ok = store_ok and runners_ok and not self.stopping.is_set()
+        body = {"status": "ready" if ok else "not ready", "store": store_ok, **detail}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _close(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+
+
+def _safe_url(url: str) -> str:
+    # Never log a password that may sit in a redis:// URL.
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"

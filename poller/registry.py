@@ -1,0 +1,123 @@
+"""The mapping registry: validated create/update/delete on the state store.
+
+The CLI and the daemon both go through here, so a mapping is checked the same way whether it
+was typed on the command line or declared in the config file.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from typing import Any
+
+from poller.engine.filtering import compile_filter_criteria
+from poller.mappings import Mapping, MappingError, create_mapping, duplicate_error, update_mapping
+from poller.state.base import StateStore
+
+# FilterError is a ValueError, which create_mapping turns into AWS's filter message.
+validate_filters = compile_filter_criteria
+
+
+class Registry:
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+
+    async def list(
+        self, *, function_name: str | None = None, event_source_arn: str | None = None
+    ) -> list[Mapping]:
+        mappings = [Mapping.from_dict(d) for d in await self.store.list_mappings()]
+        if function_name:
+            mappings = [m for m in mappings if m.function_name == function_name]
+        if event_source_arn:
+            mappings = [
+                m for m in mappings
+                if event_source_arn in (m.event_source_arn, m.source.display_uri)
+            ]
+        mappings.sort(key=lambda m: (m.last_modified, m.uuid))
+        return [await self._with_status(m) for m in mappings]
+
+    async def get(self, uuid: str) -> Mapping:
+        data = await self.store.get_mapping(uuid)
+        if data is None:
+            raise MappingError(
+                "The resource you requested does not exist.",
+                code="ResourceNotFoundException",
+                detail=f"No event source mapping with UUID {uuid}; see `poller mappings list`.",
+            )
+        return await self._with_status(Mapping.from_dict(data))
+
+    async def _with_status(self, mapping: Mapping) -> Mapping:
+        status = await self.store.get_status(mapping.uuid)
+        result = status.get("LastProcessingResult")
+        if result and result != mapping.last_processing_result:
+            data = mapping.to_dict()
+            data["last_processing_result"] = result
+            return Mapping.from_dict(data)
+        return mapping
+
+    async def _check_duplicate(self, mapping: Mapping) -> None:
+        for data in await self.store.list_mappings():
+            existing = Mapping.from_dict(data)
+            if existing.uuid == mapping.uuid:
+                continue
+            error = duplicate_error(existing, mapping)
+            if error is not None:
+                raise error
+
+    async def create(self, params: dict[str, Any]) -> Mapping:
+        mapping = create_mapping(
+            params, uuid=str(uuidlib.uuid4()), now=time.time(), validate_filters=validate_filters
+        )
+        await self._check_duplicate(mapping)
+        await self.store.put_mapping(mapping.to_dict())
+        return mapping
+
+    async def update(self, uuid: str, changes: dict[str, Any]) -> Mapping:
+        current = await self.get(uuid)
+        mapping = update_mapping(
+            current, changes, now=time.time(), validate_filters=validate_filters
+        )
+        await self._check_duplicate(mapping)
+        await self.store.put_mapping(mapping.to_dict())
+        return mapping
+
+    async def set_enabled(self, uuid: str, enabled: bool) -> Mapping:
+        return await self.update(uuid, {"enabled": enabled})
+
+    async def delete(self, uuid: str) -> Mapping:
+        mapping = await self.get(uuid)
+        await self.store.delete_mapping(uuid)
+        return mapping
+
+    async def upsert_declared(self, entries: list[dict[str, Any]], source: str) -> list[Mapping]:
+        """Apply the config file's [[mappings]]: matched to stored ones by their `name`."""
+        existing = {m.name: m for m in await self.list() if m.name}
+        result: list[Mapping] = []
+        for index, entry in enumerate(entries):
+            name = entry.get("name")
+            where = f"{source}: mappings[{index}]"
+            if not isinstance(name, str) or not name:
+                raise MappingError(
+                    f"{where}: every [[mappings]] entry needs a stable `name`, so restarts "
+                    "update it instead of creating a duplicate"
+                )
+            try:
+                current = existing.get(name)
+                if current is None:
+                    result.append(await self.create(entry))
+                    continue
+                changes = {k: v for k, v in entry.items() if k != "event_source_arn"}
+                if entry.get("event_source_arn") not in (None, current.event_source_arn):
+                    # The source is create-only: a changed source is a new mapping.
+                    await self.store.delete_mapping(current.uuid)
+                    result.append(await self.create(entry))
+                    continue
+                wanted = update_mapping(current, changes, now=current.last_modified,
+                                        validate_filters=validate_filters)
+                if wanted.to_dict() != current.to_dict():
+                    result.append(await self.update(current.uuid, changes))
+                else:
+                    result.append(current)
+            except MappingError as exc:
+                raise MappingError(f"{where} ({name}): {exc}", code=exc.code) from None
+        return result
