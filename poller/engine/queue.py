@@ -452,7 +452,7 @@ class QueueRunner:
         try:
             result = await lease.invoke(event)
         finally:
-            heartbeat.cancel()
+            # The heartbeat keeps going until the poller loop has settled the batch.
             self.in_flight -= 1
             metrics.concurrent.dec()
         elapsed = time.perf_counter() - started
@@ -552,7 +552,8 @@ class Heartbeat:
             return
         runner = self._runner
         visibility = runner.source.visibility_timeout_s
-        margin = min(5.0, visibility * 0.25)
+        # Half the timeout (at most 5 s) of slack: a busy event loop may wake the beat late.
+        margin = min(5.0, visibility / 2)
         oldest = min(m.extra.get("rt", time.monotonic()) for m in messages)
         expires = oldest + visibility
         # An invoke cannot outlive the function timeout, so most batches need no heartbeat.
