@@ -393,3 +393,88 @@ def test_sqs_end_to_end_with_native_redrive(
     assert set(counts) == set(bodies)
     assert all(c == 1 for c in counts.values())
     assert daemon.stop() == 0
+
+
+def test_second_signal_exits_at_once_and_nothing_is_lost(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    port = free_port()
+    extra = textwrap.dedent(
+        """
+        [[mappings]]
+        name = "slow-jobs"
+        function_name = "slow"
+        event_source_arn = "local://slowq?visibility_timeout=2"
+        """
+    )
+    config = write_config(tmp_path, port, extra, SLEEP="4")
+    daemon = daemon_factory(config, port)
+    cli(config, "send", "local://slowq", "--body", "interrupted")
+    wait_for(lambda: any(r.get("type") == "START" for r in daemon.log_records()), 10,
+             "the slow invoke to start")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert daemon.stop(signal.SIGTERM) == 1
+    assert time.monotonic() - started < 2  # did not wait for the 4 s invoke
+    assert handled(tmp_path) == []
+    # The unsettled message comes back after its visibility timeout.
+    daemon2 = daemon_factory(config, port)
+    wait_for(lambda: handled(tmp_path) == ["interrupted"], 20, "redelivery after restart")
+    assert daemon2.stop() == 0
+
+
+def test_declared_mapping_is_upserted_by_name(
+    tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    port = free_port()
+    mapping = textwrap.dedent(
+        """
+        [[mappings]]
+        name = "declared"
+        function_name = "handle"
+        event_source_arn = "local://declared"
+        batch_size = {size}
+        """
+    )
+    config = write_config(tmp_path, port, mapping.format(size=5))
+    daemon_factory(config, port).stop()
+    first = json.loads(cli(config, "mappings", "list").stdout)["EventSourceMappings"]
+    assert [(m["Name"], m["BatchSize"]) for m in first] == [("declared", 5)]
+    config.write_text(config.read_text().replace("batch_size = 5", "batch_size = 7"))
+    daemon_factory(config, port).stop()
+    second = json.loads(cli(config, "mappings", "list").stdout)["EventSourceMappings"]
+    assert [(m["UUID"], m["BatchSize"]) for m in second] == [(first[0]["UUID"], 7)]
+
+
+def test_send_count_and_progress(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    result = cli(config, "send", "local://bulk", "--body", "x", "--count", "1500")
+    assert "sent 1500 message(s)" in result.stderr
+    assert "sending to local://bulk" in result.stderr  # the progress bar
+    bad = cli(config, "send", "local://bulk", check=False)
+    assert bad.returncode == 2 and "--body or --file" in bad.stderr
+
+
+def test_readme_quick_start(tmp_path: Path, daemon_factory: Callable[..., DaemonProcess]) -> None:
+    import shutil
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "handlers", tmp_path / "handlers")
+    port = free_port()
+    text = (root / "config.example.toml").read_text()
+    text = text.replace('# http_listen = "127.0.0.1:9102"', f'http_listen = "127.0.0.1:{port}"')
+    config = tmp_path / "config.example.toml"
+    config.write_text(text)
+    daemon = daemon_factory(config, port)
+    cli(config, "send", "local://orders", "--body", '{"id": 1}')
+    wait_for(
+        lambda: any(r.get("type") == "REPORT" and r.get("function") == "validate"
+                    and r.get("outcome") == "ok" for r in daemon.log_records()),
+        10, "the example mapping to invoke handlers.validate",
+    )
+    status, text = daemon.http("/metrics")
+    assert 'poller_deleted_events_total{function="validate"' in text
+    assert daemon.stop() == 0
