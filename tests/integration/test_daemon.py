@@ -475,6 +475,6 @@ def test_readme_quick_start(tmp_path: Path, daemon_factory: Callable[..., Daemon
                     and r.get("outcome") == "ok" for r in daemon.log_records()),
         10, "the example mapping to invoke handlers.validate",
     )
-    status, text = daemon.http("/metrics")
+    _, text = daemon.http("/metrics")
     assert 'poller_deleted_events_total{function="validate"' in text
     assert daemon.stop() == 0
