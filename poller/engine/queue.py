@@ -260,6 +260,13 @@ class QueueRunner:
                 self.metrics.concurrency_target.set(target)
             for index in range(target):
                 task = self._pollers.get(index)
+                if task is not None and task.done() and not task.cancelled():
+                    error = task.exception()
+                    if error is not None:
+                        # A bug or an unexpected client error: say so, then carry on with a
+                        # fresh poller (its messages come back after their visibility timeout).
+                        self.log.error(f"poller crashed: {error!r}; restarting it",
+                                       **self._fields, poller=index)
                 if task is None or task.done():
                     self._pollers[index] = loop.create_task(self._poll_loop(index))
             for index in [i for i in self._pollers if i >= target]:

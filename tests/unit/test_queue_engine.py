@@ -376,3 +376,30 @@ def test_batch_respects_count_and_bytes() -> None:
 )
 def test_parse_batch_item_failures(payload: bytes, expected: set[str] | None) -> None:
     assert parse_batch_item_failures(payload, {"a", "b"}) == expected
+
+
+async def test_unexpected_source_exception_is_logged_and_polling_continues(
+    handler_dir: Path,
+) -> None:
+    import io
+
+    class Flaky(StubQueue):
+        failures = 1
+
+        async def receive(self, max_messages: int, wait_s: float) -> list[Message]:
+            if self.failures:
+                self.failures -= 1
+                raise KeyError("unexpected")
+            return await super().receive(max_messages, wait_s)
+
+    runtime = _runtime(handler_dir, "ok")
+    source = Flaky()
+    mid = source.put("after the crash")
+    settings = _settings()
+    logs = io.BytesIO()
+    runner = QueueRunner(settings, source, runtime.pool("f"), log=JsonLog(logs),
+                         metrics=MappingMetrics(settings.uuid, "f"), policy=ConcurrencyPolicy(1))
+    await _run_until(runner, lambda: not source.messages)
+    await runtime.close()
+    assert [h["id"] for h in _handled(handler_dir)] == [mid]
+    assert b"poller crashed: KeyError('unexpected')" in logs.getvalue()
