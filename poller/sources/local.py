@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import sqlite3
-import struct
 import threading
 import time
 import uuid
@@ -29,7 +27,13 @@ from typing import Any, Final
 
 import msgspec
 
-from poller.events import record_size, sqs_record, string_attribute
+from poller.events import (
+    SqsRecordShape,
+    md5_hex,
+    md5_of_message_attributes,
+    record_size,
+    string_attribute,
+)
 from poller.sources.base import Depth, Message, SourceError
 from poller.state.base import StateError
 from poller.state.sqlite import SqliteStore, immediate
@@ -88,6 +92,7 @@ class LocalQueue:
         self.dead_letter_queue = target.removeprefix("local://")
         self.region = region
         self.fifo = name.endswith(".fifo")
+        self._shape = SqsRecordShape(EVENT_SOURCE, self.arn, region)
         # Local receives are one indexed range scan: as big as the engine's batch, no SQS cap.
         self.max_receive_batch = 10_000
         # Wall-clock epoch seconds; injectable so tests can move time instead of sleeping.
@@ -288,21 +293,14 @@ class LocalQueue:
                 # No deduplication locally: every message is its own.
                 "MessageDeduplicationId": message_id,
             }
-        record = sqs_record(
-            message_id=message_id,
-            receipt_handle=receipt,
-            body=body,
-            receive_count=count + 1,
-            sent_ms=sent_ms,
-            first_receive_ms=first_ms if first_ms is not None else now,
-            event_source=EVENT_SOURCE,
-            event_source_arn=self.arn,
-            region=self.region,
-            message_attributes={k: string_attribute(v) for k, v in attributes.items()},
-            extra_attributes=extra,
+        lambda_attributes = {k: string_attribute(v) for k, v in attributes.items()}
+        record = self._shape.record(
+            message_id, receipt, body, str(count + 1), str(sent_ms),
+            str(first_ms if first_ms is not None else now),
+            md5_hex(body), lambda_attributes, extra,
         )
         if attributes:
-            record["md5OfMessageAttributes"] = md5_of_string_attributes(attributes)
+            record["md5OfMessageAttributes"] = md5_of_message_attributes(lambda_attributes)
         return Message(
             id=message_id,
             receipt=receipt,
@@ -313,21 +311,6 @@ class LocalQueue:
             group=group,
             extra={"seq": seq},
         )
-
-
-def md5_of_string_attributes(attributes: dict[str, str]) -> str:
-    """SQS's MD5OfMessageAttributes for String attributes.
-
-    Per attribute, sorted by name: length-prefixed name, length-prefixed data type, transport
-    byte 1 (string), length-prefixed value; lengths are 4-byte big-endian.
-    """
-    digest = hashlib.md5(usedforsecurity=False)
-    for name in sorted(attributes):
-        for part in (name.encode(), b"String"):
-            digest.update(struct.pack(">I", len(part)) + part)
-        value = attributes[name].encode()
-        digest.update(b"\x01" + struct.pack(">I", len(value)) + value)
-    return digest.hexdigest()
 
 
 # seq IN (...) lists stay well under SQLite's 32766 bound parameters.

@@ -10,9 +10,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from poller.events import md5_hex, record_size
+from poller.events import md5_hex, md5_of_message_attributes, record_size, string_attribute
 from poller.sources.base import Message, SourceError
-from poller.sources.local import LocalQueue, md5_of_string_attributes
+from poller.sources.local import LocalQueue
 from poller.state.sqlite import SqliteStore
 
 
@@ -400,7 +400,9 @@ async def test_record_message_attributes(store: SqliteStore, clock: Clock) -> No
     }
     # Value computed by moto's SQS (the same algorithm as SQS's MD5OfMessageAttributes).
     assert record["md5OfMessageAttributes"] == "3434443020da9364c68e974e0868a43c"
-    assert md5_of_string_attributes({"Zeta": "héllo", "a": "1"}) == (
+    assert md5_of_message_attributes(
+        {"Zeta": string_attribute("héllo"), "a": string_attribute("1")}
+    ) == (
         "3434443020da9364c68e974e0868a43c"
     )
 
