@@ -173,6 +173,10 @@ class QueueRunner:
         self.target = 0
         self.in_flight = 0
         self.depth: Depth | None = None
+        # Wakes _watch_depth before its next regular read: set by _manage on every tick while
+        # the mapping is busy, and by a receive that shows the last reading is stale.
+        self._depth_wanted = asyncio.Event()
+        self._depth_read_at = -DEPTH_INTERVAL_S
         self.counts = OutcomeCounts()
         self._pollers: dict[int, asyncio.Task[None]] = {}
         self._invoking: set[int] = set()
@@ -272,6 +276,14 @@ class QueueRunner:
             for index in [i for i in self._pollers if i >= target]:
                 if self._pollers[index].done():
                     del self._pollers[index]
+            busy = self.in_flight > 0 or (self.depth is not None and self.depth.backlog > 0)
+            if busy and self._outage_since is None:
+                # Busy: one fresh depth reading per tick. The controller estimates arrivals as
+                # the backlog's change plus the messages done since the last tick; a reading
+                # up to DEPTH_INTERVAL_S old would make it count each tick's deletions as new
+                # arrivals (a phantom rate while a backlog drains) and see a burst late.
+                # During a source outage the regular DEPTH_INTERVAL_S retry is enough.
+                self._depth_wanted.set()
             await asyncio.sleep(MANAGE_INTERVAL_S)
 
     # -- source health -----------------------------------------------------------------------
@@ -307,6 +319,8 @@ class QueueRunner:
 
     async def _watch_depth(self) -> None:
         while True:
+            self._depth_wanted.clear()
+            self._depth_read_at = time.monotonic()
             try:
                 depth = await self.source.depth()
             except SourceError as exc:
@@ -315,7 +329,21 @@ class QueueRunner:
                 self.depth = depth
                 self.metrics.visible.set(depth.visible)
                 self.metrics.in_flight.set(depth.in_flight)
-            await asyncio.sleep(DEPTH_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._depth_wanted.wait(), DEPTH_INTERVAL_S)
+
+    def _depth_looks_stale(self) -> None:
+        """A receive came back full although the last reading showed nothing visible.
+
+        A burst arrived since that reading. Without a fresh one the controller would see the
+        backlog only at the next regular read, up to DEPTH_INTERVAL_S later, and scale-up
+        (§12.4) would start that much later. At most one early read per MANAGE_INTERVAL_S,
+        and only while readings keep showing an empty queue.
+        """
+        depth = self.depth
+        if (depth is not None and depth.visible == 0
+                and time.monotonic() - self._depth_read_at >= MANAGE_INTERVAL_S):
+            self._depth_wanted.set()
 
     # -- the poller loop ---------------------------------------------------------------------
 
@@ -379,6 +407,8 @@ class QueueRunner:
             want = min(settings.batch_size - len(batch), source.max_receive_batch)
             messages = await source.receive(want, wait)
             self._source_ok()
+            if len(messages) >= want:
+                self._depth_looks_stale()
             if messages:
                 now = time.monotonic()
                 for message in messages:

@@ -395,12 +395,15 @@ def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
     return len(rows)
 
 
+# In the two statements below `+queue` keeps SQLite off the (queue, ...) index: left to itself
+# it scans every message of the queue through that index instead of looking the listed seqs
+# up by primary key, which made a 10-message delete cost ~1.7 ms on a 20,000-message queue.
 def _delete(conn: sqlite3.Connection, queue: str, keys: ReceiptKeys) -> None:
     with immediate(conn):
         for token, seqs in keys.items():
             for chunk in _chunks(seqs):
                 conn.execute(
-                    "DELETE FROM local_messages WHERE receipt = ? AND queue = ?"
+                    "DELETE FROM local_messages WHERE receipt = ? AND +queue = ?"
                     f" AND seq IN ({_marks(len(chunk))})",
                     (token, queue, *chunk),
                 )
@@ -413,7 +416,7 @@ def _change_visibility(
         for token, seqs in keys.items():
             for chunk in _chunks(seqs):
                 conn.execute(
-                    "UPDATE local_messages SET visible_at = ? WHERE receipt = ? AND queue = ?"
+                    "UPDATE local_messages SET visible_at = ? WHERE receipt = ? AND +queue = ?"
                     f" AND seq IN ({_marks(len(chunk))})",
                     (visible_at, token, queue, *chunk),
                 )
