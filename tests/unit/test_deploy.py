@@ -1,0 +1,52 @@
+"""The deploy/ files stay in step with the code: every metric a dashboard or alert names exists,
+and the Kubernetes and systemd files agree with the daemon's endpoints and drain time."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from poller import metrics
+from poller.config import DaemonConfig
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+NAME = re.compile(r"\bpoller_[a-z_]+\b")
+
+
+def exported_names() -> set[str]:
+    """Every series name the registry exposes (families with labels show up before use)."""
+    text = generate_latest(metrics.REGISTRY).decode()
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(family.name + suffix
+                     for suffix in ("_total", "_bucket", "_sum", "_count", "_created"))
+    return names
+
+
+def test_every_metric_named_in_deploy_files_exists() -> None:
+    exported = exported_names()
+    texts = {p: p.read_text() for p in DEPLOY.rglob("*") if p.is_file()}
+    used = {(p.name, n) for p, t in texts.items() for n in NAME.findall(t)}
+    assert used, "no metrics referenced at all?"
+    unknown = sorted((file, name) for file, name in used if name not in exported)
+    assert not unknown
+
+
+def test_grafana_dashboard_is_valid_json_with_panels() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "poller-dashboard.json").read_text())
+    assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
+
+
+def test_stop_timeouts_exceed_the_default_drain() -> None:
+    grace = DaemonConfig().shutdown_grace_s
+    unit = (DEPLOY / "systemd" / "poller.service").read_text()
+    assert float(re.search(r"TimeoutStopSec=(\d+)", unit)[1]) > grace  # type: ignore[index]
+    k8s = (DEPLOY / "kubernetes" / "poller.yaml").read_text()
+    period = re.search(r"terminationGracePeriodSeconds: (\d+)", k8s)[1]  # type: ignore[index]
+    assert float(period) > grace
+    assert "path: /healthz" in k8s and "path: /readyz" in k8s
