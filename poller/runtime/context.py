@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs the worker ~3 ms
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 
 class CognitoIdentity:
@@ -77,8 +81,10 @@ class LambdaContext:
         invoked_function_arn: str,
         client_context: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
-        environ: os._Environ[str] | dict[str, str] = os.environ,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
+        # The worker passes a plain-dict snapshot of these five variables (os.environ.get
+        # re-encodes the key on every call, ~1 us each, on every invoke).
         self.aws_request_id = request_id
         self._deadline_ms = deadline_ms
         self.invoked_function_arn = invoked_function_arn

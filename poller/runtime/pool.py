@@ -9,16 +9,20 @@ run it; ``Runtime.invoke`` without a lease throttles at once when no slot is fre
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import enum
 import errno
+import fcntl
+import itertools
 import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import termios
 import time
 import uuid
 from collections.abc import Iterable
@@ -34,6 +38,7 @@ from poller.runtime import protocol
 
 _error_decoder = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder().encode
+READ_CHUNK = 65536  # a bigger os.read buffer (e.g. 1 MiB) is mmap'd per call: ~10 us each
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 LOG_TAIL_BYTES = 4096
 MONITOR_INTERVAL_S = 0.1
@@ -51,8 +56,40 @@ class Outcome(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"  # rejected before running (request too large)
 
 
+# Request ids look like Lambda's (UUID v4 text) but cost a counter, not 16 random bytes and a
+# UUID object per invoke: a random per-process prefix keeps them unique across daemons.
+_ID_PREFIX = "{0[0]}-{0[1]}-4{0[2]}-{1:x}{0[3]}-".format(
+    (lambda h: (h[:8], h[8:12], h[12:15], h[15:18]))(uuid.uuid4().hex),
+    8 + (os.getpid() & 3),
+)
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+
+
+def _now() -> float:
+    """time.time() to the microsecond, for log records (round(t, 6) costs ~0.7 us)."""
+    return int(time.time() * 1e6) / 1e6
+
+
+_FIONREAD_BUF = array.array("i", [0])
+
+
+def _pending_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe: one ioctl, cheaper than a read that fails with EAGAIN."""
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, _FIONREAD_BUF, True)
+    except OSError:
+        return 1  # let the read find out
+    return _FIONREAD_BUF[0]
+
+
 # Outcomes where the function was not run at all; the engine must not count them as attempts.
 NOT_RUN = frozenset({Outcome.THROTTLED, Outcome.INVALID_REQUEST})
+# Outcomes where the environment failed (not the handler's own error): REPORT says "Status: error".
+RUNTIME_FAILURES = frozenset({Outcome.OUT_OF_MEMORY, Outcome.CRASHED, Outcome.INIT_ERROR})
 
 
 @dataclass(slots=True)
@@ -128,9 +165,13 @@ class Environment:
         self.last_used = time.monotonic()
         self.invokes = 0
         self.init_ms: float | None = None
+        # True while the init was caused by an invoke that has not reported it yet: that invoke
+        # (the cold start) reports Init Duration. Provisioned environments never do, as in Lambda.
+        self.cold = False
         self.proc: asyncio.subprocess.Process | None = None
         self.tmpdir: str | None = None
         self._loop = asyncio.get_running_loop()
+        self._arn = pool.runtime.function_arn(self.config.name)
         self._req_fd = -1
         self._resp_fd = -1
         self._log_fd = -1
@@ -141,7 +182,10 @@ class Environment:
         self._request_id: str | None = None
         self._capture: list[str] | None = None
         self._death_reason: str | None = None
-        self._exited = asyncio.Event()
+        self._peak_mb = 0  # resident memory the monitor saw when it killed us
+        self._deadline = 0.0  # loop.time() by which the current invoke must answer
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._exited = asyncio.Event()  # set once the process is gone and cleaned up after
         self._watcher: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -173,14 +217,18 @@ class Environment:
         return env
 
     async def start(self) -> InvokeResult | None:
-        """Spawn and run the init phase. None when warm; the init error result otherwise."""
+        """Spawn and run the init phase. None when warm; the init error result otherwise.
+
+        On failure the environment is dead, its process gone and its memory given back.
+        """
         self.state = EnvState.STARTING
-        self.tmpdir = tempfile.mkdtemp(prefix=f"poller-{self.config.name}-")
-        req_r, req_w = os.pipe()
-        resp_r, resp_w = os.pipe()
-        log_r, log_w = os.pipe()
         started = time.perf_counter()
+        fds: list[int] = []
         try:
+            self.tmpdir = tempfile.mkdtemp(prefix=f"poller-{self.config.name}-")
+            for _ in range(3):
+                fds.extend(os.pipe())
+            req_r, req_w, resp_r, resp_w, log_r, log_w = fds
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -195,23 +243,26 @@ class Environment:
                 cwd=self.config.code_path,
                 start_new_session=True,  # its own process group: a kill takes its children too
             )
-        except OSError as exc:
-            for fd in (req_r, req_w, resp_r, resp_w, log_r, log_w):
+        except (OSError, ValueError) as exc:  # no such code_path, out of fds, NUL in a variable
+            for fd in fds:
                 os.close(fd)
+            self.kill("spawn failed")
             self._cleanup()
-            self.state = EnvState.DEAD
+            self._exited.set()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return InvokeResult(
                 Outcome.INIT_ERROR,
                 _error(
                     "Runtime.StartError",
-                    f"cannot start a worker in {self.config.code_path!r}: {exc.strerror}",
+                    f"cannot start a worker in {self.config.code_path!r}: {reason}",
                 ),
                 "",
             )
-        finally:
-            for fd in (req_r, resp_w, log_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        # The child's ends are its own now.
+        for fd in (req_r, resp_w, log_w):
+            os.close(fd)
+        if self.state is EnvState.DEAD:  # killed (shutdown) while it was being spawned
+            self._kill_group()
         self._req_fd, self._resp_fd, self._log_fd = req_w, resp_r, log_r
         for fd in (req_w, resp_r, log_r):
             os.set_blocking(fd, False)
@@ -227,51 +278,83 @@ class Environment:
             handle.cancel()
             self._pending = None
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        if kind == protocol.READY:
-            self.init_ms = elapsed_ms
-            self.state = EnvState.IDLE
-            return None
         self._drain_logs()
-        if kind == protocol.INIT_ERROR:
+        init_mb = math.ceil(header.get("rss_kb", 0) / 1024) if kind == protocol.READY else 0
+        if kind == protocol.READY and self.state is EnvState.STARTING:
+            if init_mb <= self.config.memory_mb:
+                self.init_ms = elapsed_ms
+                self.state = EnvState.IDLE
+                return None
+            # Its import went over memory_mb (maybe only for a moment): as Lambda, it never runs.
+            self._peak_mb = init_mb
+            self.kill("memory")
+            payload = _error(
+                "Runtime.OutOfMemory",
+                f"Runtime exited during init: signal: killed (memory used {init_mb} MB > "
+                f"memory size {self.config.memory_mb} MB)",
+            )
+        elif kind == protocol.INIT_ERROR:
             self.kill("init error")
-            return InvokeResult(Outcome.INIT_ERROR, body, "", init_ms=elapsed_ms)
-        if kind == "timeout":
+            payload = body
+        elif kind == "timeout":
             self.kill("init timeout")
             payload = _error(
                 "Sandbox.Timedout",
                 f"Init timed out after {self.config.init_timeout_s:.2f} seconds",
             )
-            return InvokeResult(Outcome.INIT_ERROR, payload, "", init_ms=elapsed_ms)
-        status = await self._exit_status()
-        payload = _error("Runtime.ExitError", f"Runtime exited during init: {status}")
+        elif self._death_reason == "memory":  # the monitor caught it during init
+            payload = _error(
+                "Runtime.OutOfMemory",
+                f"Runtime exited during init: signal: killed (memory used {self._peak_mb} MB > "
+                f"memory size {self.config.memory_mb} MB)",
+            )
+        else:  # it exited during init, or was killed (shutdown, eviction) before it was ready
+            self.kill("exited during init")
+            status = await self._exit_status()
+            payload = _error("Runtime.ExitError", f"Runtime exited during init: {status}")
+        await self._gone()
+        self._flush_partial_log()
         return InvokeResult(Outcome.INIT_ERROR, payload, "", init_ms=elapsed_ms)
 
     def kill(self, reason: str) -> None:
         """SIGKILL the whole process group; a killed environment is never reused."""
-        if self.state is EnvState.DEAD:
-            return
-        self._death_reason = self._death_reason or reason
-        self.state = EnvState.DEAD
+        if self.state is not EnvState.DEAD:
+            self._death_reason = self._death_reason or reason
+            self.state = EnvState.DEAD
         if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.pool._forget(self)
+            self._kill_group()
+        self.pool._forget(self)  # idempotent: gives its memory back once
+
+    def _kill_group(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     async def _watch_exit(self) -> None:
         assert self.proc is not None
         await self.proc.wait()
-        self._exited.set()
-        # Anything it printed on the way out still belongs to the current request.
-        self._drain_logs()
+        # Whatever the handler left behind (a background child after a crash, say) goes with it.
+        # Safe right after the leader is reaped: its pid stays allocated while its group has
+        # members, and a fresh process cannot be that group's leader within this loop turn.
+        self._kill_group()
         if self.state is not EnvState.DEAD:
             self.kill("exited")
-        self._resolve(("exit", {}, b""))
+        # Anything it printed on the way out still belongs to the current request.
+        self._drain_logs()
         self._cleanup()
+        self._exited.set()
+        self._resolve(("exit", {}, b""))
+
+    async def _gone(self) -> None:
+        """Wait until a killed process is reaped and its pipes and TMPDIR are removed."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), 5.0)
 
     async def _exit_status(self) -> str:
-        await self._exited.wait()
-        assert self.proc is not None
-        code = self.proc.returncode
+        await self._gone()
+        code = self.proc.returncode if self.proc is not None else None
         if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name.removeprefix("SIG").lower()
@@ -307,7 +390,7 @@ class Environment:
 
     def _on_response_readable(self) -> None:
         try:
-            data = os.read(self._resp_fd, 1 << 20)
+            data = os.read(self._resp_fd, READ_CHUNK)
         except BlockingIOError:
             return
         except OSError:
@@ -322,35 +405,43 @@ class Environment:
         fd = self._log_fd
         if fd < 0:
             return
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return  # the common case after an invoke that printed nothing
+        except OSError:
+            data = b""
         chunks = [self._log_partial] if self._log_partial else []
-        while True:
+        while data:
+            chunks.append(data)
+            if len(data) < READ_CHUNK:
+                break
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, READ_CHUNK)
             except BlockingIOError:
                 break
             except OSError:
                 data = b""
-            if not data:
-                self._loop.remove_reader(fd)
-                break
-            chunks.append(data)
-            if len(data) < 65536:
-                break
+        if not data:
+            self._loop.remove_reader(fd)
         if not chunks:
             return
         text = b"".join(chunks)
         *lines, self._log_partial = text.split(b"\n")
-        if self.state is EnvState.DEAD and self._log_partial:
-            lines.append(self._log_partial)
-            self._log_partial = b""
         for raw in lines:
-            self._emit_log_line(raw.decode(errors="replace").rstrip("\r"))
+            self._emit_log_line(raw)
 
-    def _emit_log_line(self, line: str) -> None:
-        runtime = self.pool.runtime
-        runtime.log.emit(
+    def _flush_partial_log(self) -> None:
+        """An unterminated last line (print(..., end="")) still belongs to this request."""
+        if self._log_partial:
+            partial, self._log_partial = self._log_partial, b""
+            self._emit_log_line(partial)
+
+    def _emit_log_line(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")
+        self.pool.runtime.log.emit(
             {
-                "time": round(time.time(), 6),
+                "time": _now(),
                 "level": "info",
                 "function": self.config.name,
                 "request_id": self._request_id,
@@ -369,6 +460,10 @@ class Environment:
             written = os.write(self._req_fd, data)
         except BlockingIOError:
             written = 0
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            return  # the worker is gone; _watch_exit reports it
         if written < len(data):
             self._out += data[written:]
             self._loop.add_writer(self._req_fd, self._on_writable)
@@ -389,6 +484,15 @@ class Environment:
     def _on_timeout(self) -> None:
         self._resolve(("timeout", {}, b""))
 
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        if self.state is not EnvState.BUSY or self._pending is None:
+            return  # armed by an invoke that has finished; the next one arms it again
+        if self._loop.time() >= self._deadline:
+            self._on_timeout()
+        else:  # armed for an earlier invoke: wait for this one's deadline
+            self._deadline_timer = self._loop.call_at(self._deadline, self._on_deadline)
+
     # -- invoke --------------------------------------------------------------------------------
 
     async def invoke(
@@ -399,63 +503,87 @@ class Environment:
         capture: list[str] | None,
     ) -> InvokeResult:
         cfg = self.config
-        runtime = self.pool.runtime
         self.state = EnvState.BUSY
         self._request_id = request_id
         self._capture = capture
-        log = runtime.log
-        log.emit({"level": "info", "function": cfg.name, "request_id": request_id,
-                  "type": "START", "version": "$LATEST"})
+        self.pool.runtime.log.emit(
+            {
+                "time": _now(),
+                "level": "info",
+                "function": cfg.name,
+                "request_id": request_id,
+                "type": "START",
+                "version": "$LATEST",
+            }
+        )
         if capture is not None:
             capture.append(f"START RequestId: {request_id} Version: $LATEST")
-        init_ms = self.init_ms if self.invokes == 0 else None
+        init_ms = self.init_ms if self.cold else None
+        self.cold = False
         self.invokes += 1
-        header: dict[str, Any] = {
-            "t": protocol.INVOKE,
-            "id": request_id,
-            "deadline_ms": int(time.time() * 1000 + cfg.timeout_s * 1000),
-            "arn": runtime.function_arn(cfg.name),
-        }
-        if client_context is not None:
-            header["cc"] = client_context
-        self._pending = self._loop.create_future()
+        timeout_s = cfg.timeout_s
+        pending = self._pending = self._loop.create_future()
+        # One timer per environment, re-armed only when it fires early (see _on_deadline):
+        # cheaper than a call_later() and a cancel() per invoke.
+        self._deadline = self._loop.time() + timeout_s
+        if self._deadline_timer is None:
+            self._deadline_timer = self._loop.call_at(self._deadline, self._on_deadline)
         started = time.perf_counter()
-        self._send(protocol.frame(header, event))
-        handle = self._loop.call_later(cfg.timeout_s, self._on_timeout)
+        self._send(
+            protocol.invoke_frame(
+                request_id,
+                int((time.time() + timeout_s) * 1000),
+                self._arn,
+                None if client_context is None else _encode(client_context),
+                event,
+            )
+        )
         try:
-            kind, reply, body = await self._pending
+            kind, reply, body = await pending
         finally:
-            handle.cancel()
             self._pending = None
         duration_ms = (time.perf_counter() - started) * 1000.0
-        self._drain_logs()
-        rss_kb = int(reply.get("rss_kb", 0)) if kind == protocol.RESULT else 0
-        max_memory_mb = math.ceil(rss_kb / 1024) if rss_kb else self.rss_mb()
+        # The worker flushed its stdout/stderr before it answered, so everything the handler
+        # printed is in the log pipe now; usually the loop's reader already took it.
+        if self._log_fd >= 0 and _pending_bytes(self._log_fd):
+            self._drain_logs()
         if kind == protocol.RESULT:
+            self._flush_partial_log()
+            max_memory_mb = math.ceil(reply.get("rss_kb", 0) / 1024)
             if max_memory_mb > cfg.memory_mb:
                 # The high-water mark says it went over between two samples of the monitor.
                 self.kill("memory")
+                await self._gone()
                 result = self._oom_result(request_id, duration_ms, max_memory_mb)
             else:
                 outcome = Outcome.OK if reply.get("ok") else Outcome.FUNCTION_ERROR
                 result = InvokeResult(outcome, body, request_id, duration_ms)
-                self.state = EnvState.IDLE
+                if self.state is EnvState.BUSY:  # not killed (shutdown) since it answered
+                    self.state = EnvState.IDLE
         elif kind == "timeout":
+            max_memory_mb = self.rss_mb()
             self.kill("timeout")
+            await self._gone()
+            self._flush_partial_log()
             result = InvokeResult(
                 Outcome.TIMEOUT,
                 _error(
                     "Sandbox.Timedout",
-                    f"Task timed out after {cfg.timeout_s:.2f} seconds",
+                    f"Task timed out after {timeout_s:.2f} seconds",
                     request_id,
                 ),
                 request_id,
                 duration_ms,
             )
         elif self._death_reason == "memory":
+            await self._gone()
+            self._flush_partial_log()
+            max_memory_mb = self._peak_mb
             result = self._oom_result(request_id, duration_ms, max_memory_mb)
         else:
             status = await self._exit_status()
+            self._flush_partial_log()
+            max_memory_mb = self._peak_mb
             result = InvokeResult(
                 Outcome.CRASHED,
                 _error(
@@ -489,36 +617,7 @@ class Environment:
         )
 
     def _report(self, result: InvokeResult) -> None:
-        cfg = self.config
-        billed = max(math.ceil(result.duration_ms), 1)
-        record: dict[str, Any] = {
-            "level": "info",
-            "function": cfg.name,
-            "request_id": result.request_id,
-            "type": "REPORT",
-            "outcome": result.outcome.value,
-            "duration_ms": round(result.duration_ms, 3),
-            "billed_duration_ms": billed,
-            "memory_size_mb": cfg.memory_mb,
-            "max_memory_used_mb": result.max_memory_mb,
-        }
-        if result.init_ms is not None:
-            record["init_duration_ms"] = round(result.init_ms, 3)
-        log = self.pool.runtime.log
-        log.emit({"level": "info", "function": cfg.name, "request_id": result.request_id,
-                  "type": "END"})
-        log.emit(record)
-        capture = self._capture
-        if capture is not None:
-            capture.append(f"END RequestId: {result.request_id}")
-            line = (
-                f"REPORT RequestId: {result.request_id}\tDuration: {result.duration_ms:.2f} ms\t"
-                f"Billed Duration: {billed} ms\tMemory Size: {cfg.memory_mb} MB\t"
-                f"Max Memory Used: {result.max_memory_mb} MB"
-            )
-            if result.init_ms is not None:
-                line += f"\tInit Duration: {result.init_ms:.2f} ms"
-            capture.append(line)
+        report(self.pool.runtime.log, self.config, result, self._capture)
 
     def rss_mb(self) -> int:
         if self.proc is None or self.proc.returncode is not None:
@@ -529,6 +628,46 @@ class Environment:
         except (OSError, ValueError, IndexError):
             return 0
         return math.ceil(resident_pages * PAGE_SIZE / (1024 * 1024))
+
+
+def report(log: JsonLog, cfg: FunctionConfig, result: InvokeResult, capture: list[str] | None
+           ) -> None:
+    """END and REPORT for one invoke: JSON records, and Lambda's text lines when captured."""
+    billed = max(math.ceil(result.duration_ms), 1)
+    now = _now()
+    log.emit({"time": now, "level": "info", "function": cfg.name,
+              "request_id": result.request_id, "type": "END"})
+    record: dict[str, Any] = {
+        "time": now,
+        "level": "info",
+        "function": cfg.name,
+        "request_id": result.request_id,
+        "type": "REPORT",
+        "outcome": result.outcome.value,
+        "duration_ms": round(result.duration_ms, 3),
+        "billed_duration_ms": billed,
+        "memory_size_mb": cfg.memory_mb,
+        "max_memory_used_mb": result.max_memory_mb,
+    }
+    if result.init_ms is not None:
+        record["init_duration_ms"] = round(result.init_ms, 3)
+    if result.outcome is not Outcome.OK:
+        record["error_type"] = result.error_type
+    log.emit(record)
+    if capture is not None:
+        capture.append(f"END RequestId: {result.request_id}")
+        line = (
+            f"REPORT RequestId: {result.request_id}\tDuration: {result.duration_ms:.2f} ms\t"
+            f"Billed Duration: {billed} ms\tMemory Size: {cfg.memory_mb} MB\t"
+            f"Max Memory Used: {result.max_memory_mb} MB"
+        )
+        if result.init_ms is not None:
+            line += f"\tInit Duration: {result.init_ms:.2f} ms"
+        if result.outcome is Outcome.TIMEOUT:
+            line += "\tStatus: timeout"
+        elif result.outcome in RUNTIME_FAILURES:
+            line += f"\tStatus: error\tError Type: {result.error_type}"
+        capture.append(line)
 
 
 class Lease:
@@ -560,7 +699,7 @@ class Lease:
             raise RuntimeError("lease already used")
         try:
             return await self.pool._invoke_on(
-                self.env, event, request_id or str(uuid.uuid4()), client_context, capture_logs
+                self.env, event, request_id or new_request_id(), client_context, capture_logs
             )
         finally:
             self.release()
@@ -607,7 +746,10 @@ class FunctionPool:
         self.leased += 1
         return Lease(self, env)
 
-    async def acquire(self, timeout: float | None = None) -> Lease | None:
+    # A timeout parameter, not asyncio.timeout() around the call: running out of time here is an
+    # answer ("no slot yet", None), not an error, and the engine polls with it between checks of
+    # its own stop flag; a cancelled wait would also have to tell itself apart from shutdown.
+    async def acquire(self, timeout: float | None = None) -> Lease | None:  # noqa: ASYNC109
         """Wait for a slot; None if ``timeout`` passes first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -633,7 +775,7 @@ class FunctionPool:
         capture_logs: bool = False,
     ) -> InvokeResult:
         """One invoke now, or a throttled result at once if the function has no free slot."""
-        request_id = request_id or str(uuid.uuid4())
+        request_id = request_id or new_request_id()
         lease = self.try_acquire()
         if lease is None:
             limit = self.config.reserved_concurrency
@@ -646,9 +788,11 @@ class FunctionPool:
                 "invoke throttled", function=self.name, request_id=request_id, reason=reason
             )
             return throttled_result(self.name, request_id, reason)
-        return await lease.invoke(
-            event, request_id=request_id, client_context=client_context, capture_logs=capture_logs
-        )
+        lease._released = True  # used here and now: what Lease.invoke does, minus a coroutine
+        try:
+            return await self._invoke_on(lease.env, event, request_id, client_context, capture_logs)
+        finally:
+            self._return(lease.env)
 
     async def _invoke_on(
         self,
@@ -671,6 +815,7 @@ class FunctionPool:
                 request_id,
             )
         capture: list[str] | None = [] if capture_logs else None
+        runtime._ensure_loops()
         if env.state is EnvState.NEW:
             # Module-level output during init belongs to the invoke that caused the cold start.
             env._request_id, env._capture = request_id, capture
@@ -678,15 +823,29 @@ class FunctionPool:
             env._request_id, env._capture = None, None
             if failure is not None:
                 failure.request_id = request_id
-                env.kill("init failed")
                 runtime.log.error(
                     "function init failed",
                     function=self.name,
                     request_id=request_id,
                     error=failure.error,
                 )
+                # The invoke still gets its START/END/REPORT, as in Lambda (Status: error).
+                runtime.log.emit(
+                    {
+                        "time": _now(),
+                        "level": "info",
+                        "function": self.name,
+                        "request_id": request_id,
+                        "type": "START",
+                        "version": "$LATEST",
+                    }
+                )
+                if capture is not None:
+                    capture.append(f"START RequestId: {request_id} Version: $LATEST")
+                report(runtime.log, self.config, failure, capture)
                 failure.log_lines = capture
                 return failure
+            env.cold = True
         runtime.in_flight += 1
         try:
             return await env.invoke(request_id, event, client_context, capture)
@@ -701,6 +860,11 @@ class FunctionPool:
         elif env.state is EnvState.NEW:
             # Claimed but never started: give its memory back.
             self._forget(env)
+        elif env.state is not EnvState.DEAD:
+            # The invoke was abandoned mid-flight (its task cancelled, e.g. a drain that ran
+            # out of grace): the handler is still running and its result would reach nobody,
+            # so the environment can never be reused.
+            env.kill("abandoned")
         self.runtime._wake()
 
     def _forget(self, env: Environment) -> None:
@@ -782,6 +946,7 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         self._waiters: list[asyncio.Future[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
         self.pools = {fn.name: FunctionPool(self, fn) for fn in functions}
 
     def function_arn(self, name: str) -> str:
@@ -834,6 +999,13 @@ class Runtime:
     async def start(self) -> None:
         """Start provisioned environments and the monitor and reaper loops."""
         await asyncio.gather(*(pool.provision() for pool in self.pools.values()))
+        self._ensure_loops()
+
+    def _ensure_loops(self) -> None:
+        """The memory monitor and the reaper run from start(), or from the first invoke when
+        start() was never called (``poller invoke``): a memory limit holds either way."""
+        if self._tasks or self._closed:
+            return
         self._tasks.append(self._loop.create_task(self._monitor_memory()))
         self._tasks.append(self._loop.create_task(self._maintain()))
 
@@ -843,32 +1015,40 @@ class Runtime:
             for pool in self.pools.values():
                 limit = pool.config.memory_mb
                 for env in list(pool.envs):
-                    if env.state is EnvState.BUSY and env.rss_mb() > limit:
-                        env.kill("memory")
+                    if env.state is EnvState.BUSY or env.state is EnvState.STARTING:
+                        rss = env.rss_mb()
+                        if rss > limit:
+                            env._peak_mb = rss
+                            env.kill("memory")
 
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
             now = time.monotonic()
-            for pool in self.pools.values():
-                pool.reap_idle(now)
-                if pool.provisioned_alive() < pool.config.provisioned_concurrency:
-                    await pool.provision()
+            for pool in list(self.pools.values()):
+                try:
+                    pool.reap_idle(now)
+                    if pool.provisioned_alive() < pool.config.provisioned_concurrency:
+                        await pool.provision()
+                except Exception as exc:  # one function's trouble must not stop the reaper
+                    self.log.error("environment maintenance failed", function=pool.name,
+                                   error=repr(exc))
 
     def environments(self) -> int:
         return sum(len(pool.envs) for pool in self.pools.values())
 
     async def close(self) -> None:
+        """Kill every environment and wait until each is reaped and its TMPDIR removed."""
+        self._closed = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        procs = [env.proc for pool in self.pools.values() for env in pool.envs if env.proc]
+        envs = [env for pool in self.pools.values() for env in pool.envs]
         for pool in self.pools.values():
             pool.close()
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                await asyncio.wait_for(proc.wait(), 5)
+        for env in envs:
+            await env._gone()
         self.log.flush()

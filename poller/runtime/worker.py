@@ -6,30 +6,38 @@ read an invoke frame, call ``handler(event, context)``, write a result frame. It
 stderr are the function's logs; the control channel is a separate pair of pipes so nothing the
 handler prints can corrupt the protocol.
 
-Keep imports here minimal: every cold start pays for them.
+Keep imports here minimal: every cold start pays for them. No msgspec (~25 ms), no typing; the
+stdlib json does the event and the result (the real runtime uses json-compatible semantics too),
+traceback is imported only when there is a stack to report.
 """
 
 from __future__ import annotations
 
-import decimal
+import contextlib  # already imported by site at interpreter start: free
 import importlib
 import json
 import os
 import resource
 import sys
 import time
-import traceback
-from collections.abc import Callable
-from typing import Any, NoReturn
-
-import msgspec
 
 from poller.runtime import protocol
 from poller.runtime.context import LambdaContext
 
-Handler = Callable[[Any, LambdaContext], Any]
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~3 ms per cold start
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
-_event_decoder = msgspec.json.Decoder()
+    Handler = Callable[[Any, LambdaContext], Any]
+
+_CONTEXT_VARIABLES = (
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME",
+)
 
 
 class InitFailure(Exception):
@@ -77,17 +85,50 @@ def load_handler(spec: str) -> Handler:
     return handler
 
 
+def _is_runtime_frame(filename: str) -> bool:
+    return (
+        filename == __file__
+        or filename == importlib.__file__
+        or filename.startswith("<frozen importlib")
+    )
+
+
 def user_frames(tb: Any) -> list[str]:
-    """The stack trace without this module's frames, as the Lambda runtime reports it."""
-    frames = [f for f in traceback.extract_tb(tb) if f.filename != __file__]
-    return traceback.format_list(frames)
+    """The stack trace without the runtime's own frames (the leading ones: this module's loop,
+    the import machinery during init), as the Lambda runtime reports it."""
+    import traceback
+
+    frames = traceback.extract_tb(tb)
+    start = 0
+    while start < len(frames) and _is_runtime_frame(frames[start].filename):
+        start += 1
+    return traceback.format_list(frames[start:])
 
 
 def _decimal_default(value: Any) -> Any:
     # awslambdaric serialises Decimal as a JSON number; everything else non-JSON is an error.
-    if isinstance(value, decimal.Decimal):
+    # A Decimal can only exist if its module was imported, so no need to import it here.
+    decimal = sys.modules.get("decimal")
+    if decimal is not None and isinstance(value, decimal.Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_encode_result = json.JSONEncoder(default=_decimal_default).encode
+_scan_json = json.JSONDecoder().scan_once
+_json_loads = json.loads
+
+
+def decode_event(raw: bytes) -> Any:
+    """json.loads, minus its per-call overhead in the common case (compact JSON, UTF-8)."""
+    text = raw.decode()
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        value, end = None, -1
+    if end == len(text):
+        return value
+    return _json_loads(text)  # leading/trailing whitespace, or invalid: json.loads decides
 
 
 def error_body(error_type: str, message: str, request_id: str | None, trace: list[str]) -> bytes:
@@ -98,7 +139,67 @@ def error_body(error_type: str, message: str, request_id: str | None, trace: lis
     return json.dumps(body).encode()
 
 
+def log_error(error_type: str, message: str, trace: list[str]) -> None:
+    """The runtime's own log line for an error, as awslambdaric writes it."""
+    lines = [f"[ERROR] {error_type}: {message}"]
+    if trace:
+        lines.append("Traceback (most recent call last):")
+        for element in trace:
+            lines.extend(element.splitlines())
+    try:
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # the handler closed or broke stderr: the error still goes back
+        pass
+
+
+class PeakMemory:
+    """This process's peak resident memory (KB), cheaply, and without the daemon's.
+
+    ``getrusage().ru_maxrss`` alone is wrong here: at exec the kernel folds the RSS of the
+    pre-exec address space, a copy of the daemon's (fork) or the daemon's own (vfork), into the
+    new process's maxrss. A worker spawned by a 300 MB daemon reports 300 MB before it has done
+    anything, and with memory_mb = 128 would be killed as out of memory on every invoke.
+
+    So: when ru_maxrss is above what was inherited, it is our own high-water mark; otherwise read
+    VmHWM from /proc/self/status (~4 us). And only when the page-fault count moved: resident
+    memory cannot grow without a fault, and a warm invoke usually takes none.
+    """
+
+    __slots__ = ("_faults", "_inherited_kb", "_peak_kb", "_status_fd")
+
+    def __init__(self) -> None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self._inherited_kb = usage.ru_maxrss
+        self._faults = -1
+        self._peak_kb = 0
+        try:
+            self._status_fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no procfs: ru_maxrss is the best there is
+            self._status_fd = -1
+
+    def _vm_hwm_kb(self, fallback: int) -> int:
+        if self._status_fd < 0:
+            return fallback
+        try:
+            status = os.pread(self._status_fd, 8192, 0)
+            start = status.index(b"VmHWM:") + 6
+            return int(status[start : status.index(b"kB", start)])
+        except (OSError, ValueError):
+            return fallback
+
+    def kb(self) -> int:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        faults = usage.ru_minflt + usage.ru_majflt
+        if faults != self._faults:
+            self._faults = faults
+            maxrss = usage.ru_maxrss
+            self._peak_kb = maxrss if maxrss > self._inherited_kb else self._vm_hwm_kb(maxrss)
+        return self._peak_kb
+
+
 def max_rss_kb() -> int:
+    """ru_maxrss: includes what the process inherited at exec (see PeakMemory)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -117,78 +218,112 @@ def _read_exact(stream: Any, size: int) -> bytes:
     return data
 
 
+def _flush_logs() -> None:
+    # Logs first: the daemon drains the log pipe when it sees a frame, so every line the handler
+    # printed is attributed to this request and lands before END/REPORT.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed or replaced
+            stream.flush()
+
+
+def _init_failed(error_type: str, message: str, trace: list[str], resp_fd: int) -> NoReturn:
+    log_error(error_type, message, trace)
+    _flush_logs()
+    body = error_body(error_type, message, None, trace)
+    _write_all(resp_fd, protocol.pack(b'{"t":"init_error"}', body))
+    os._exit(0)
+
+
 def serve(req_fd: int, resp_fd: int) -> NoReturn:
-    max_response = int(os.environ.pop("_POLLER_MAX_RESPONSE_BYTES", str(6 * 1024 * 1024)))
-    task_root = os.environ.get("LAMBDA_TASK_ROOT", os.getcwd())
+    environ = os.environ
+    max_response = int(environ.pop("_POLLER_MAX_RESPONSE_BYTES", str(6 * 1024 * 1024)))
+    task_root = environ.get("LAMBDA_TASK_ROOT", os.getcwd())
     if task_root not in sys.path:
         sys.path.insert(0, task_root)
     # Line-buffered logs: each print reaches the daemon as a whole line, in order.
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
+    peak = PeakMemory()  # before the handler's import can raise the mark
     started = time.perf_counter()
     try:
-        handler = load_handler(os.environ.get("_HANDLER", ""))
+        handler = load_handler(environ.get("_HANDLER", ""))
     except InitFailure as exc:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        body = error_body(exc.error_type, exc.message, None, exc.trace)
-        _write_all(resp_fd, protocol.frame({"t": protocol.INIT_ERROR}, body))
-        os._exit(0)
+        _init_failed(exc.error_type, exc.message, exc.trace, resp_fd)
     except BaseException as exc:  # module-level code raised: report it as Lambda does
-        sys.stdout.flush()
-        sys.stderr.flush()
-        body = error_body(type(exc).__name__, str(exc), None, user_frames(exc.__traceback__))
-        _write_all(resp_fd, protocol.frame({"t": protocol.INIT_ERROR}, body))
-        os._exit(0)
+        _init_failed(type(exc).__name__, str(exc), user_frames(exc.__traceback__), resp_fd)
     init_ms = (time.perf_counter() - started) * 1000.0
-    _write_all(resp_fd, protocol.frame({"t": protocol.READY, "init_ms": init_ms}))
+    _flush_logs()
+    ready = b'{"t":"ready","init_ms":%.3f,"rss_kb":%d}' % (init_ms, peak.kb())
+    _write_all(resp_fd, protocol.pack(ready))
 
     requests = os.fdopen(req_fd, "rb", buffering=65536)
-    prefix = protocol.PREFIX
-    decode_header = protocol.decode_header
-    frame = protocol.frame
-    stdout, stderr = sys.stdout, sys.stderr
-    environ = os.environ
+    read = requests.read
+    unpack_prefix = protocol.PREFIX.unpack
+    prefix_size = protocol.PREFIX_SIZE
+    parse_invoke = protocol.parse_invoke
+    pack = protocol.pack
+    write = os.write
+    peak_kb = peak.kb
+    encode_result = _encode_result
+    context_env = {name: environ[name] for name in _CONTEXT_VARIABLES if name in environ}
+    ok_head = b'{"t":"result","ok":true,"rss_kb":%d}'
+    error_head = b'{"t":"result","ok":false,"rss_kb":%d}'
     while True:
+        raw = read(prefix_size)
+        if len(raw) != prefix_size:
+            os._exit(0)  # the daemon closed the channel: it is shutting us down
+        head_len, body_len = unpack_prefix(raw)
         try:
-            head_len, body_len = prefix.unpack(_read_exact(requests, protocol.PREFIX_SIZE))
-            header = decode_header(_read_exact(requests, head_len))
+            head = _read_exact(requests, head_len)
             raw_event = _read_exact(requests, body_len) if body_len else b"null"
         except EOFError:
             os._exit(0)
-        request_id = header["id"]
-        context = LambdaContext(request_id, header["deadline_ms"], header["arn"], header.get("cc"),
-                                environ=environ)
-        ok = True
+        request_id, deadline_ms, arn, cc_json = parse_invoke(head)
+        context = LambdaContext(
+            request_id, deadline_ms, arn, json.loads(cc_json) if cc_json else None,
+            environ=context_env,
+        )
+        ok = False
         try:
-            event = _event_decoder.decode(raw_event)
-            result = handler(event, context)
-        except Exception as exc:
-            ok = False
-            body = error_body(type(exc).__name__, str(exc), request_id, user_frames(exc.__traceback__))
+            event = decode_event(raw_event)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            error = ("Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}", [])
         else:
             try:
-                body = json.dumps(result, default=_decimal_default).encode()
-            except (TypeError, ValueError) as exc:
-                ok = False
-                body = error_body(
-                    "Runtime.MarshalError", f"Unable to marshal response: {exc}", request_id, []
-                )
+                result = handler(event, context)
+            except Exception as exc:
+                error = (type(exc).__name__, str(exc), user_frames(exc.__traceback__))
             else:
-                if len(body) > max_response:
-                    ok = False
-                    body = error_body(
-                        "Function.ResponseSizeTooLarge",
-                        f"Response payload size ({len(body)} bytes) exceeded maximum allowed "
-                        f"payload size ({max_response} bytes).",
-                        request_id,
-                        [],
-                    )
-        # Logs first: the daemon drains the log pipe when it sees the result, so every line the
-        # handler printed is attributed to this request and lands before END/REPORT.
-        stdout.flush()
-        stderr.flush()
-        _write_all(resp_fd, frame({"t": protocol.RESULT, "ok": ok, "rss_kb": max_rss_kb()}, body))
+                try:
+                    body = b"null" if result is None else encode_result(result).encode()
+                except Exception as exc:  # TypeError, ValueError, RecursionError, ...
+                    error = ("Runtime.MarshalError", f"Unable to marshal response: {exc}", [])
+                else:
+                    if len(body) <= max_response:
+                        ok = True
+                    else:
+                        error = (
+                            "Function.ResponseSizeTooLarge",
+                            f"Response payload size ({len(body)} bytes) exceeded maximum "
+                            f"allowed payload size ({max_response} bytes).",
+                            [],
+                        )
+        if ok:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                _flush_logs()
+            head = ok_head % peak_kb()
+        else:
+            log_error(*error)
+            _flush_logs()
+            body = error_body(error[0], error[1], request_id, error[2])
+            head = error_head % peak_kb()
+        data = pack(head, body)
+        written = write(resp_fd, data)
+        if written != len(data):
+            _write_all(resp_fd, data[written:])
 
 
 def main() -> NoReturn:

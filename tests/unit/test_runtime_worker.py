@@ -1,0 +1,137 @@
+"""The worker's pieces that need no process: handler loading, event decoding, error shapes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from poller.runtime import worker
+from poller.runtime.context import LambdaContext
+
+
+@pytest.fixture
+def code_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """A directory on sys.path and a module name unique to this test."""
+    name = f"rt_unit_{uuid.uuid4().hex[:8]}"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path, name
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
+
+
+def _failure(spec: str) -> worker.InitFailure:
+    with pytest.raises(worker.InitFailure) as info:
+        worker.load_handler(spec)
+    return info.value
+
+
+def test_load_handler_dotted_and_slashed(code_dir: tuple[Path, str]) -> None:
+    path, name = code_dir
+    (path / name / "inner").mkdir(parents=True)
+    (path / name / "__init__.py").write_text("")
+    (path / name / "inner" / "__init__.py").write_text("")
+    (path / name / "inner" / "app.py").write_text("def go(e, c):\n    return 'went'\n")
+    assert worker.load_handler(f"{name}.inner.app.go")(None, None) == "went"
+    assert worker.load_handler(f"{name}/inner/app.go")(None, None) == "went"
+
+
+@pytest.mark.parametrize("spec", ["nodot", "", ".handler", "module."])
+def test_malformed_handler_names(spec: str) -> None:
+    assert _failure(spec).error_type == "Runtime.MalformedHandlerName"
+
+
+def test_import_errors(code_dir: tuple[Path, str]) -> None:
+    path, name = code_dir
+    failure = _failure(f"{name}.handler")
+    assert failure.error_type == "Runtime.ImportModuleError"
+    assert failure.message == f"Unable to import module '{name}': No module named '{name}'"
+    (path / f"{name}.py").write_text("def handler(event, context)\n    pass\n")
+    failure = _failure(f"{name}.handler")
+    assert failure.error_type == "Runtime.UserCodeSyntaxError"
+    assert failure.trace and f"{name}.py" in failure.trace[0]
+
+
+def test_handler_not_found_or_not_callable(code_dir: tuple[Path, str]) -> None:
+    path, name = code_dir
+    (path / f"{name}.py").write_text("VALUE = 1\n")
+    assert _failure(f"{name}.handler").error_type == "Runtime.HandlerNotFound"
+    assert _failure(f"{name}.VALUE").error_type == "Runtime.HandlerNotFound"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{}", b"null", b"[1, 2.5, true]", b'"text"', b' {"padded": 1} ',
+        b'{"u": "\\u2603 \xe2\x98\x83"}', b"12345678901234567890123", b"\n[]\n",
+    ],
+)
+def test_decode_event_matches_json_loads(raw: bytes) -> None:
+    assert worker.decode_event(raw) == json.loads(raw)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"{} {}", b"nul", b"\xff", b"[1,]"])
+def test_decode_event_rejects_what_json_loads_rejects(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        worker.decode_event(raw)
+
+
+def test_result_encoding_is_json_dumps_with_decimals() -> None:
+    import decimal
+
+    assert worker._encode_result({"a": [1, "é"], "d": decimal.Decimal("1.50")}) == (
+        '{"a": [1, "\\u00e9"], "d": 1.5}'
+    )
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        worker._encode_result({1, 2})
+
+
+def test_error_body_shape() -> None:
+    body = json.loads(worker.error_body("ValueError", "bad", "req-1", ["  File x\n"]))
+    assert body == {
+        "errorMessage": "bad",
+        "errorType": "ValueError",
+        "requestId": "req-1",
+        "stackTrace": ["  File x\n"],
+    }
+    assert "requestId" not in json.loads(worker.error_body("Runtime.X", "m", None, []))
+
+
+def test_user_frames_drop_the_runtimes_leading_frames() -> None:
+    def users_code() -> None:
+        raise KeyError("k")
+
+    # A caller compiled as if it were in worker.py, catching like serve() does.
+    source = (
+        "def call(f, user_frames):\n"
+        "    try:\n"
+        "        f()\n"
+        "    except Exception as exc:\n"
+        "        return user_frames(exc.__traceback__)\n"
+    )
+    namespace: dict = {}
+    exec(compile(source, worker.__file__, "exec"), namespace)
+    frames = namespace["call"](users_code, worker.user_frames)
+    assert len(frames) == 1 and "in users_code" in frames[0] and 'raise KeyError("k")' in frames[0]
+
+
+def test_context_reads_its_variables_from_the_given_mapping() -> None:
+    env = {
+        "AWS_LAMBDA_FUNCTION_NAME": "fn",
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "512",
+        "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/fn",
+        "AWS_LAMBDA_LOG_STREAM_NAME": "stream",
+    }
+    ctx = LambdaContext("id-1", 0, "arn:x", {"client": {"app_title": "t"}}, environ=env)
+    assert (ctx.function_name, ctx.memory_limit_in_mb, ctx.log_stream_name) == ("fn", "512",
+                                                                                  "stream")
+    assert ctx.get_remaining_time_in_millis() == 0  # clamped, never negative
+    assert ctx.client_context is not None and ctx.client_context.client is not None
+    assert ctx.client_context.client.app_title == "t"
+    assert ctx.identity.cognito_identity_id is None
+    assert "id-1" in repr(ctx)
