@@ -11,6 +11,13 @@ from typing import Annotated, Any
 import msgspec
 
 DEFAULT_CONFIG_NAMES = ("config.toml", "config.example.toml")
+# Set by poller in every execution environment, as Lambda reserves them: a function may not
+# declare or inherit them.
+RESERVED_ENVIRONMENT = frozenset({
+    "_HANDLER", "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME", "LAMBDA_TASK_ROOT", "TMPDIR",
+})
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 
 
@@ -116,6 +123,9 @@ def _explain(exc: msgspec.ValidationError, path: str) -> str:
     text = str(exc)
     match = _AT.match(text)
     if not match:
+        unknown = re.match(r"Object contains unknown field `(.+)`$", text)
+        if unknown:
+            return f"{path}: unknown key '{unknown[1]}'; remove it or check its spelling"
         return f"{path}: {text}"
     where = match["where"] or "top level"
     what = match["what"]
@@ -141,6 +151,15 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
             raise ConfigError(f"{path}: functions[{index}].name: duplicate function {fn.name!r}")
         names.add(fn.name)
         fn.code_path = str((base / fn.code_path).resolve()) if fn.code_path else str(base)
+        for key in ("environment", "inherit_environment"):
+            clash = sorted(RESERVED_ENVIRONMENT.intersection(getattr(fn, key)))
+            if clash:
+                raise ConfigError(
+                    f"{path}: functions[{index}].{key}: {', '.join(clash)} "
+                    f"{'is' if len(clash) == 1 else 'are'} reserved (poller sets "
+                    f"{'it' if len(clash) == 1 else 'them'} in every environment, as Lambda "
+                    "does); remove or rename"
+                )
         if fn.reserved_concurrency is not None and fn.provisioned_concurrency > max(
             fn.reserved_concurrency, 0
         ):
