@@ -35,8 +35,12 @@ class JsonLog:
         """Write a pre-built record (it gets a timestamp if it has none)."""
         if "time" not in record:
             record = {"time": round(time.time(), 6), **record}
-        self._buffer += _encode(record)
-        self._buffer += b"\n"
+        self.write(_encode(record) + b"\n")
+
+    def write(self, lines: bytes) -> None:
+        """Write records already encoded, one JSON object per line, each ending in a newline
+        (for the records of every invoke, whose constant parts the runtime encodes once)."""
+        self._buffer += lines
         if self._flush_scheduled:
             return
         try:

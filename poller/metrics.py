@@ -8,9 +8,33 @@ Labels: `mapping` is the EventSourceMappingUUID, `function` the function name.
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class _FlushMappingCounts(Collector):
+    """Adds every mapping's locally kept counts (MappingMetrics.flush) to the metrics when the
+    registry is read. Registered before any metric: a registry collects in registration
+    order, so a scrape sees every count up to that moment."""
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        for mapping_metrics in list(_live):
+            mapping_metrics.flush()
+        return ()
+
+
+_live: weakref.WeakSet[MappingMetrics] = weakref.WeakSet()
+REGISTRY.register(_FlushMappingCounts())
 
 _M = ("mapping", "function")
 
@@ -114,14 +138,27 @@ memory_used = Gauge(
 
 
 class MappingMetrics:
-    """The label children of one mapping, resolved once: label lookups are off the hot path."""
+    """The label children of one mapping, resolved once: label lookups are off the hot path.
+
+    The counts that change with every batch (events polled, invoked, deleted, successful
+    invocations, batches running) are plain numbers the engine adds to; ``flush()`` hands them
+    to the metrics, one locked update per metric, on every scrape and every engine tick.
+    (prometheus_client takes a lock per update: one update per batch and metric was a
+    noticeable share of the cost of a one-record batch.) Only the event loop's thread adds;
+    ``flush()`` writes nothing the adders write, so a scrape from another thread loses nothing.
+    """
 
     __slots__ = (
+        "__weakref__",
+        "_flush_lock",
+        "_flushed",
+        "_outcomes",
         "batch_size",
         "concurrency_target",
         "concurrent",
         "dead_lettered",
         "deleted",
+        "deleted_count",
         "dropped",
         "duration",
         "errors",
@@ -130,9 +167,13 @@ class MappingMetrics:
         "function",
         "in_flight",
         "invoked",
+        "invoked_count",
         "mapping",
+        "ok_count",
         "polled",
+        "polled_count",
         "running",
+        "running_batches",
         "source_connected",
         "throttles",
         "visible",
@@ -159,9 +200,39 @@ class MappingMetrics:
         self.in_flight = queue_in_flight.labels(*labels)
         self.source_connected = source_connected.labels(*labels)
         self.running = mapping_running.labels(*labels)
+        self._outcomes: dict[str, Counter] = {}
+        # Totals since creation (the engine adds to them) and what flush() has handed on.
+        self.polled_count = 0
+        self.invoked_count = 0
+        self.deleted_count = 0
+        self.ok_count = 0  # invocations with outcome "ok"
+        self.running_batches = 0  # poller_concurrent_executions
+        self._flushed = [0, 0, 0, 0]
+        self._flush_lock = threading.Lock()
+        _live.add(self)
+
+    def flush(self) -> None:
+        """Hand the locally kept counts to the metrics."""
+        with self._flush_lock:
+            flushed = self._flushed
+            totals = (self.polled_count, self.invoked_count, self.deleted_count, self.ok_count)
+            for index, (total, counter) in enumerate(
+                zip(totals, (self.polled, self.invoked, self.deleted, self.outcome("ok")),
+                    strict=True)
+            ):
+                if total != flushed[index]:
+                    counter.inc(total - flushed[index])
+                    flushed[index] = total
+            self.concurrent.set(self.running_batches)
 
     def outcome(self, outcome: str) -> Counter:
-        return invocations.labels(self.mapping, self.function, outcome)
+        """The invocations counter of one outcome (resolved once: it is counted per batch)."""
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = invocations.labels(
+                self.mapping, self.function, str(outcome)
+            )
+        return child
 
     def source_error(self, operation: str) -> Counter:
         return source_errors.labels(self.mapping, self.function, operation)

@@ -10,12 +10,16 @@ A runner owns one mapping. It keeps ``target`` poller tasks; each poller loops:
 3. invoke, extending the messages' visibility while the invoke outlives it;
 4. settle: delete on success, all but the reported ``batchItemFailures`` on a partial
    response, nothing on a failure (the messages reappear after their visibility timeout).
+   The delete runs in its own task while the poller goes on to its next batch, so an
+   acknowledgement's round trip overlaps the next receive and invoke (at most two deletes
+   per poller in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
@@ -183,6 +187,7 @@ class QueueRunner:
         self._stopping = False
         self._started = asyncio.Event()
         self._outage_since: float | None = None
+        self._connected = False  # as of the last call to the source
         self._backoff = BACKOFF_MIN_S
         self._tasks: list[asyncio.Task[Any]] = []
         self._settles: set[asyncio.Task[None]] = set()
@@ -248,7 +253,8 @@ class QueueRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.metrics.running.set(0)
-        self.metrics.concurrent.set(0)
+        self.metrics.running_batches = 0
+        self.metrics.flush()
         with contextlib.suppress(Exception):
             await self.source.close()
 
@@ -284,6 +290,9 @@ class QueueRunner:
                 # arrivals (a phantom rate while a backlog drains) and see a burst late.
                 # During a source outage the regular DEPTH_INTERVAL_S retry is enough.
                 self._depth_wanted.set()
+            # Counts kept per batch reach /metrics at every scrape; this keeps them current for
+            # other readers of the registry too.
+            self.metrics.flush()
             await asyncio.sleep(MANAGE_INTERVAL_S)
 
     # -- source health -----------------------------------------------------------------------
@@ -294,6 +303,7 @@ class QueueRunner:
         return delay * random.uniform(0.8, 1.2)
 
     def _source_failed(self, operation: str, exc: SourceError) -> None:
+        self._connected = False
         self.metrics.source_error(operation).inc()
         self.metrics.source_connected.set(0)
         if self._outage_since is None:
@@ -304,6 +314,9 @@ class QueueRunner:
             self._set_status(f"PROBLEM: {exc}")
 
     def _source_ok(self) -> None:
+        if self._connected:
+            return  # called after every receive: nothing to do unless it failed before
+        self._connected = True
         self._backoff = BACKOFF_MIN_S
         if self._outage_since is not None:
             self.log.info("event source reachable again", **self._fields,
@@ -349,7 +362,8 @@ class QueueRunner:
 
     async def _poll_loop(self, index: int) -> None:
         pool = self.pool
-        carry: list[Message] = []
+        carry = _Carry()
+        settling: asyncio.Task[None] | None = None
         try:
             while not self._stopping and index < self.target:
                 lease = pool.try_acquire()
@@ -379,26 +393,41 @@ class QueueRunner:
                     continue
                 self._invoking.add(index)
                 try:
-                    await self._process(batch, lease, heartbeat)
-                finally:
+                    done = await self._process(batch, lease, heartbeat)
+                except BaseException:
                     heartbeat.cancel()
+                    raise
+                finally:
                     self._invoking.discard(index)
+                if not done:
+                    heartbeat.cancel()
+                    continue
+                # The delete task owns the heartbeat now (it stops it once the delete is done)
+                # and outlives a cancel of this poller; stop() waits for it.
+                previous, settling = settling, self._settle(done, heartbeat)
+                if previous is not None and not previous.done():
+                    # A source slower to delete than to deliver must not pile up deletes:
+                    # wait for the one before (shielded: cancelling this poller must not
+                    # cancel a delete; _settled reports its errors).
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(previous)
         finally:
-            if carry:
+            if carry.messages:
                 # Held back by the size cap: let another consumer have them now.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.source.change_visibility(carry, 0))
+                    await asyncio.shield(self.source.change_visibility(carry.messages, 0))
 
-    async def _collect(self, carry: list[Message], heartbeat: Heartbeat) -> Batch:
+    async def _collect(self, carry: _Carry, heartbeat: Heartbeat) -> Batch:
         settings = self.settings
         source = self.source
         batch = Batch(settings.batch_size, settings.max_payload_bytes)
         deadline = time.monotonic() + settings.batching_window_s
-        while carry and batch.add(carry[0]):
-            carry.pop(0)
+        held = carry.messages
+        while held and batch.add(held[0]):
+            held.pop(0)
         if batch:
-            heartbeat.cover(batch.messages, deadline)
-        if batch.full or carry:
+            heartbeat.cover(batch.messages, deadline, carry.received_at)
+        if batch.full or held:
             return batch
         # Long-poll even with a backlog (it returns as soon as anything is visible): a poller
         # whose messages are all in flight must not spin on empty receives.
@@ -410,16 +439,16 @@ class QueueRunner:
             if len(messages) >= want:
                 self._depth_looks_stale()
             if messages:
-                now = time.monotonic()
-                for message in messages:
-                    message.extra["rt"] = now
+                received_at = time.monotonic()
                 messages = await self._admit(messages, batch)
                 for message in messages:
                     if not batch.add(message):
-                        carry.append(message)
+                        held.append(message)
+                if held:
+                    carry.received_at = received_at
                 if batch:
-                    heartbeat.cover(batch.messages, deadline)
-            if batch.full or carry:
+                    heartbeat.cover(batch.messages, deadline, received_at)
+            if batch.full or held:
                 return batch
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -432,7 +461,7 @@ class QueueRunner:
     async def _admit(self, messages: list[Message], batch: Batch) -> list[Message]:
         """Drop what must not be invoked: filtered out, past maxReceiveCount, too big."""
         metrics = self.metrics
-        metrics.polled.inc(len(messages))
+        metrics.polled_count += len(messages)
         source = self.source
         limit = source.max_receive_count
         record_filter = self.settings.filter
@@ -475,26 +504,32 @@ class QueueRunner:
 
     # -- invoke and settle -------------------------------------------------------------------
 
-    async def _process(self, batch: Batch, lease: Lease, heartbeat: Heartbeat) -> None:
+    async def _process(
+        self, batch: Batch, lease: Lease, heartbeat: Heartbeat
+    ) -> list[Message] | None:
+        """Invoke the batch; return the messages to delete (None: nothing to delete)."""
         metrics = self.metrics
         messages = batch.messages
         count = len(messages)
         event = encode_sqs_event([m.record for m in messages])
-        metrics.invoked.inc(count)
+        metrics.invoked_count += count
         metrics.batch_size.observe(count)
         self.in_flight += 1
-        metrics.concurrent.inc()
+        metrics.running_batches += 1
         heartbeat.cover(messages, time.monotonic())
         started = time.perf_counter()
         try:
             result = await lease.invoke(event)
         finally:
-            # The heartbeat keeps going until the poller loop has settled the batch.
+            # The heartbeat keeps going until the batch's delete is done (_delete).
             self.in_flight -= 1
-            metrics.concurrent.dec()
+            metrics.running_batches -= 1
         elapsed = time.perf_counter() - started
         metrics.duration.observe(elapsed)
-        metrics.outcome(result.outcome.value).inc()
+        if result.outcome is Outcome.OK:
+            metrics.ok_count += 1
+        else:
+            metrics.outcome(result.outcome).inc()
         counts = self.counts
         counts.batch_seconds += elapsed
         counts.batches_completed += 1
@@ -522,9 +557,7 @@ class QueueRunner:
             if failed:
                 metrics.failed_invoke.inc(len(failed))
             self._set_status("OK")
-            if done:
-                await self._settle(done)
-            return
+            return done
 
         metrics.failed_invoke.inc(count)
         if result.outcome in NOT_RUN:
@@ -540,15 +573,32 @@ class QueueRunner:
             error_type=error.get("errorType"), error_message=error.get("errorMessage"),
             messages=count,
         )
+        return None
 
-    async def _settle(self, messages: list[Message]) -> None:
-        # Shielded: a shutdown that cancels this poller must still acknowledge what succeeded.
-        task = asyncio.ensure_future(self._delete(messages))
+    def _settle(self, messages: list[Message], heartbeat: Heartbeat) -> asyncio.Task[None]:
+        # A task of its own: a shutdown that cancels the poller must still acknowledge what
+        # succeeded (stop() waits for every task in _settles).
+        task = asyncio.get_running_loop().create_task(self._delete(messages, heartbeat))
         self._settles.add(task)
-        task.add_done_callback(self._settles.discard)
-        await asyncio.shield(task)
+        task.add_done_callback(self._settled)
+        return task
 
-    async def _delete(self, messages: list[Message]) -> None:
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._settles.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug or an unexpected client error (SourceErrors are retried and logged in
+            # _delete_with_retries); the messages come back after their visibility timeout.
+            self.log.error(f"deleting processed messages failed: {task.exception()!r}; they "
+                           "will be delivered again", **self._fields)
+
+    async def _delete(self, messages: list[Message], heartbeat: Heartbeat) -> None:
+        try:
+            await self._delete_with_retries(messages)
+        finally:
+            # Visibility is kept up until the messages are gone (or the delete gave up).
+            heartbeat.cancel()
+
+    async def _delete_with_retries(self, messages: list[Message]) -> None:
         for attempt in range(3):
             try:
                 await self.source.delete(messages)
@@ -562,8 +612,20 @@ class QueueRunner:
                     return
                 await asyncio.sleep(self._next_backoff())
             else:
-                self.metrics.deleted.inc(len(messages))
+                self.metrics.deleted_count += len(messages)
                 return
+
+
+class _Carry:
+    """Messages a poller received but could not fit in its batch (the size cap), held for its
+    next batch. They all come from one receive: a batch takes what is held before it
+    receives again."""
+
+    __slots__ = ("messages", "received_at")
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.received_at = math.inf  # monotonic time of that receive
 
 
 class Heartbeat:
@@ -575,24 +637,32 @@ class Heartbeat:
     size the queue for that; we extend visibility instead (ChangeMessageVisibility).
     """
 
-    __slots__ = ("_messages", "_runner", "_task")
+    __slots__ = ("_messages", "_received_at", "_runner", "_task")
 
     def __init__(self, runner: QueueRunner) -> None:
         self._runner = runner
         self._messages: list[Message] = []
+        self._received_at = math.inf  # monotonic time of the oldest receive covered
         self._task: asyncio.Task[None] | None = None
 
-    def cover(self, messages: list[Message], invoke_starts_by: float) -> None:
-        """Watch ``messages`` (a live list) if they could expire before the invoke ends."""
+    def cover(
+        self, messages: list[Message], invoke_starts_by: float, received_at: float = math.inf
+    ) -> None:
+        """Watch ``messages`` (a live list) if they could expire before the invoke ends.
+
+        ``received_at``: when the messages added since the last call were received (their
+        visibility clock started then); the default means none were added.
+        """
         self._messages = messages
+        if received_at < self._received_at:
+            self._received_at = received_at
         if self._task is not None:
             return
         runner = self._runner
         visibility = runner.source.visibility_timeout_s
         # Half the timeout (at most 5 s) of slack: a busy event loop may wake the beat late.
         margin = min(5.0, visibility / 2)
-        oldest = min(m.extra.get("rt", time.monotonic()) for m in messages)
-        expires = oldest + visibility
+        expires = self._received_at + visibility
         # An invoke cannot outlive the function timeout, so most batches need no heartbeat.
         latest_end = max(invoke_starts_by, time.monotonic()) + runner.pool.config.timeout_s
         if latest_end + margin < expires:
