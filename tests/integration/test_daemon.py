@@ -267,7 +267,7 @@ def test_sqs_end_to_end_with_native_redrive(
             attrs = await sqs.get_queue_attributes(QueueUrl=dlq["QueueUrl"],
                                                    AttributeNames=["QueueArn"])
             await sqs.create_queue(QueueName="e2e", Attributes={
-                "VisibilityTimeout": "2",
+                "VisibilityTimeout": "4",
                 "RedrivePolicy": json.dumps({
                     "deadLetterTargetArn": attrs["Attributes"]["QueueArn"],
                     "maxReceiveCount": "3",
