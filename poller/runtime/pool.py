@@ -192,13 +192,18 @@ class Environment:
 
     def _environ(self) -> dict[str, str]:
         cfg = self.config
-        env: dict[str, str] = {}
+        python_dir = os.path.dirname(sys.executable)
+        # TZ and PATH are Lambda's defaults that a function may override; the rest may not be
+        # (config.py rejects them in environment and inherit_environment).
+        env: dict[str, str] = {
+            "TZ": ":UTC",
+            "PATH": f"{python_dir}:/usr/local/bin:/usr/bin:/bin",
+        }
         for name in cfg.inherit_environment:
             if name in os.environ:
                 env[name] = os.environ[name]
         env.update(cfg.environment)
         day = time.strftime("%Y/%m/%d", time.gmtime())
-        python_dir = os.path.dirname(sys.executable)
         env.update(
             {
                 "AWS_LAMBDA_FUNCTION_NAME": cfg.name,
@@ -208,8 +213,6 @@ class Environment:
                 "AWS_LAMBDA_LOG_STREAM_NAME": f"{day}/[$LATEST]{self.id}",
                 "_HANDLER": cfg.handler,
                 "LAMBDA_TASK_ROOT": cfg.code_path,
-                "TZ": ":UTC",
-                "PATH": f"{python_dir}:/usr/local/bin:/usr/bin:/bin",
                 "TMPDIR": self.tmpdir or "/tmp",
                 "_POLLER_MAX_RESPONSE_BYTES": str(self.pool.runtime.max_response_bytes),
             }

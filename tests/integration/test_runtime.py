@@ -542,6 +542,15 @@ async def test_environment_is_declared_inherited_and_reserved_only(
     assert extra <= {"LC_CTYPE"}, extra
 
 
+async def test_tz_and_path_may_be_overridden_as_in_lambda() -> None:
+    config = fn("environment", name="tz-fn",
+                environment={"TZ": "Europe/Paris", "PATH": "/opt/bin:/usr/bin:/bin"})
+    async with make_runtime(config) as (runtime, _):
+        result = await runtime.invoke("tz-fn", b"{}")
+    env = json.loads(result.payload)
+    assert (env["TZ"], env["PATH"]) == ("Europe/Paris", "/opt/bin:/usr/bin:/bin")
+
+
 async def test_tmpdir_is_private_and_removed_when_the_env_dies() -> None:
     async with make_runtime(fn("tmpdir", reserved_concurrency=2)) as (runtime, _):
         pool = runtime.pool("f")
