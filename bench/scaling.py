@@ -22,7 +22,9 @@ Each step run:
    deleted and the target is back at the idle minimum.
 
 Ideal drain time: ``ceil(messages / batch_size) * sleep / concurrency``: every slot busy with
-a full batch from t0, zero overhead per invoke (20,000 / 10 * 0.05 / 50 = 2.0 s).
+a full batch from t0, zero overhead per invoke. The default, BatchSize 1, is the issue's
+formula, messages x 50 ms / 50 = 20 s: one 50 ms invoke per message. ``--batch-size 10``
+is the harder case (20,000 / 10 x 0.05 / 50 = 2.0 s), where the ramp weighs ten times more.
 
 Two kinds of step run: "cold" (no environment exists at t0: the ramp includes spawning up to
 ``concurrency`` worker processes) and "warm" (``provisioned_concurrency = concurrency``: the
@@ -412,7 +414,10 @@ def plot(trace: list[tuple[float, int, int, int]], bound: int, *, width: int = 7
     lines.append("    0 +" + "-" * width)
     ticks = [" "] * width
     labels = [" "] * (width + 8)
-    for second in range(int(end) + 1):
+    # Label every 1, 2, 5, 10 ... seconds, whichever leaves room for the widest label.
+    spacing = next(n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+                   if n / step >= len(f"{int(end)}s") + 1)
+    for second in range(0, int(end) + 1, spacing):
         c = int(second / step)
         if c >= width:
             break
@@ -517,7 +522,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--messages", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=50, help="MaximumConcurrency")
     parser.add_argument("--sleep", type=float, default=0.05, help="handler sleep, seconds")
     parser.add_argument("--mode", choices=("cold", "warm", "both"), default="both")

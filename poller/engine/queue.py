@@ -181,6 +181,9 @@ class QueueRunner:
         # the mapping is busy, and by a receive that shows the last reading is stale.
         self._depth_wanted = asyncio.Event()
         self._depth_read_at = -DEPTH_INTERVAL_S
+        # Wakes _manage before its next regular tick: set when a reading shows a backlog on a
+        # queue that was empty, so scale-up starts at once rather than up to a tick later.
+        self._tick_wanted = asyncio.Event()
         self.counts = OutcomeCounts()
         self._pollers: dict[int, asyncio.Task[None]] = {}
         self._invoking: set[int] = set()
@@ -293,7 +296,9 @@ class QueueRunner:
             # Counts kept per batch reach /metrics at every scrape; this keeps them current for
             # other readers of the registry too.
             self.metrics.flush()
-            await asyncio.sleep(MANAGE_INTERVAL_S)
+            self._tick_wanted.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick_wanted.wait(), MANAGE_INTERVAL_S)
 
     # -- source health -----------------------------------------------------------------------
 
@@ -339,7 +344,9 @@ class QueueRunner:
             except SourceError as exc:
                 self._source_failed("depth", exc)
             else:
-                self.depth = depth
+                previous, self.depth = self.depth, depth
+                if depth.backlog > 0 and (previous is None or previous.backlog == 0):
+                    self._tick_wanted.set()  # a burst on an idle queue: decide now (§12.4)
                 self.metrics.visible.set(depth.visible)
                 self.metrics.in_flight.set(depth.in_flight)
             with contextlib.suppress(TimeoutError):

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from poller.config import FunctionConfig
+from poller.engine import queue as queue_engine
 from poller.engine.batching import Batch, parse_batch_item_failures
 from poller.engine.filtering import compile_filter_criteria
-from poller.engine.queue import ConcurrencyPolicy, QueueRunner, QueueSettings
+from poller.engine.queue import ConcurrencyPolicy, OutcomeCounts, QueueRunner, QueueSettings
 from poller.events import record_size, sqs_record
 from poller.logs import JsonLog
 from poller.metrics import MappingMetrics
@@ -338,6 +339,54 @@ async def test_stop_lets_in_flight_batch_finish_and_settle(handler_dir: Path) ->
     await asyncio.gather(task, return_exceptions=True)
     await runtime.close()
     assert source.deleted == [mid]
+
+
+async def test_backlog_on_an_idle_queue_prompts_a_tick_at_once(
+    handler_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tick interval far longer than the depth cadence (1 s): without the prompt, the first
+    # tick to see the burst would come up to 3 s after the reading that found it.
+    monkeypatch.setattr(queue_engine, "MANAGE_INTERVAL_S", 3.0)
+
+    class Recording(ConcurrencyPolicy):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.ticks: list[tuple[float, Depth | None]] = []
+
+        def tick(self, now: float, depth: Depth | None, in_flight: int,
+                 counts: OutcomeCounts) -> int:
+            self.ticks.append((now, depth))
+            return self.target
+
+    class Watched(StubQueue):
+        def __init__(self) -> None:
+            super().__init__()
+            self.readings: list[tuple[float, Depth]] = []
+
+        async def depth(self) -> Depth:
+            depth = await super().depth()
+            self.readings.append((time.monotonic(), depth))
+            return depth
+
+    runtime = _runtime(handler_dir, "slow", timeout_s=10, environment={"SLEEP": "0.2"})
+    source = Watched()
+    policy = Recording()
+    runner = _runner(_settings(batch_size=1), source, runtime, policy)
+    task = asyncio.create_task(runner.run())
+    try:
+        while not (policy.ticks and source.readings):  # noqa: ASYNC110 - engine state
+            await asyncio.sleep(0.01)
+        for i in range(20):
+            source.put(f"m{i}")
+        while not any(d is not None and d.backlog > 0 for _, d in policy.ticks):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.stop(5)
+        await asyncio.gather(task, return_exceptions=True)
+        await runtime.close()
+    seen_at = next(t for t, d in source.readings if d.backlog > 0)
+    ticked_at = next(t for t, d in policy.ticks if d is not None and d.backlog > 0)
+    assert ticked_at - seen_at < 0.2, f"first tick {ticked_at - seen_at:.3f} s after the reading"
 
 
 def test_batch_respects_count_and_bytes() -> None:
