@@ -29,7 +29,7 @@ from typing import Any
 from poller.engine.batching import Batch, parse_batch_item_failures
 from poller.engine.filtering import RecordFilter
 from poller.engine.scaling import Observation, ScalingController
-from poller.events import encode_sqs_event
+from poller.events import sqs_event
 from poller.logs import JsonLog
 from poller.metrics import MappingMetrics
 from poller.runtime.pool import NOT_RUN, FunctionPool, Lease, Outcome
@@ -518,7 +518,7 @@ class QueueRunner:
         metrics = self.metrics
         messages = batch.messages
         count = len(messages)
-        event = encode_sqs_event([m.record for m in messages])
+        event = sqs_event([m.encoded for m in messages])
         metrics.invoked_count += count
         metrics.batch_size.observe(count)
         self.in_flight += 1

@@ -3,22 +3,68 @@ drop or dead-letter; the engine calls these methods when it has decided."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 
-@dataclass(slots=True)
+_encode_json = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder().decode
+
+
 class Message:
-    """One queue message as the engine sees it."""
+    """One queue message as the engine sees it.
 
-    id: str  # messageId: what batchItemFailures' itemIdentifier names
-    receipt: str  # the handle delete/change_visibility need (SQS receipt, Redis entry id, ...)
-    body: str
-    receive_count: int  # ApproximateReceiveCount, including this receive
-    record: dict[str, Any]  # the full SQS-shaped record that goes into the event (§7.1)
-    size: int  # encoded size of ``record`` in bytes (for the 6 MB cap), an upper bound is fine
-    group: str | None = None  # FIFO message group, if any
-    extra: dict[str, Any] = field(default_factory=dict)  # source-private bookkeeping
+    Its §7.1 record comes as a dict (``record``), as JSON (``encoded``) or both; the other is
+    derived on first use. The engine puts ``encoded`` into the event, so a source that builds
+    the JSON directly skips a dict per message on the hot path, and one that encoded the dict
+    to measure it hands the bytes over instead of having them encoded again.
+    """
+
+    __slots__ = ("_encoded", "_record", "body", "extra", "group", "id", "receipt",
+                 "receive_count", "size")
+
+    def __init__(
+        self,
+        id: str,  # messageId: what batchItemFailures' itemIdentifier names
+        receipt: str,  # the handle delete/change_visibility need (SQS receipt, Redis entry id)
+        body: str,
+        receive_count: int,  # ApproximateReceiveCount, including this receive
+        record: dict[str, Any] | None,
+        size: int,  # encoded size of the record in bytes (6 MB cap); an upper bound is fine
+        group: str | None = None,  # FIFO message group, if any
+        extra: dict[str, Any] | None = None,  # source-private bookkeeping
+        encoded: bytes | None = None,
+    ) -> None:
+        if record is None and encoded is None:
+            raise ValueError("a Message needs its record, encoded or as a dict")
+        self.id = id
+        self.receipt = receipt
+        self.body = body
+        self.receive_count = receive_count
+        self._record = record
+        self.size = size
+        self.group = group
+        self.extra = extra
+        self._encoded = encoded
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The full SQS-shaped record that goes into the event (§7.1)."""
+        if self._record is None:
+            self._record = _decode_json(self._encoded)
+        return self._record
+
+    @property
+    def encoded(self) -> bytes:
+        """The record as compact JSON, exactly as it goes into the event."""
+        if self._encoded is None:
+            self._encoded = _encode_json(self._record)
+        return self._encoded
+
+    def __repr__(self) -> str:
+        return (f"Message(id={self.id!r}, receipt={self.receipt!r}, "
+                f"receive_count={self.receive_count}, size={self.size})")
 
 
 @dataclass(slots=True, frozen=True)

@@ -29,9 +29,9 @@ import msgspec
 
 from poller.events import (
     SqsRecordShape,
+    encode_record,
     md5_hex,
     md5_of_message_attributes,
-    record_size,
     string_attribute,
 )
 from poller.sources.base import Depth, Message, SourceError
@@ -301,15 +301,16 @@ class LocalQueue:
         )
         if attributes:
             record["md5OfMessageAttributes"] = md5_of_message_attributes(lambda_attributes)
+        encoded = encode_record(record)
         return Message(
             id=message_id,
             receipt=receipt,
             body=body,
             receive_count=count + 1,
             record=record,
-            size=record_size(record),
+            size=len(encoded),
             group=group,
-            extra={"seq": seq},
+            encoded=encoded,
         )
 
 

@@ -43,8 +43,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
-import hashlib
 import logging
 import os
 import socket
@@ -72,6 +70,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from poller.events import (
     SqsRecordShape,
     binary_attribute,
+    json_string,
+    md5,
     md5_of_message_attributes,
     string_attribute,
 )
@@ -257,15 +257,6 @@ return reaped
 _RAW_COMMANDS: Final = ("XREADGROUP", "XRANGE")
 
 
-# _first_deliveries builds Message positionally; fail at import, not with scrambled fields, if
-# its leading fields ever change order.
-if [f.name for f in dataclasses.fields(Message)][:6] != [
-    "id", "receipt", "body", "receive_count", "record", "size"
-]:  # pragma: no cover - a guard for future edits of poller.sources.base
-    raise RuntimeError("poller.sources.base.Message changed its field order; update "
-                       "RedisQueue._first_deliveries")
-
-
 def consumer_name() -> str:
     """hostname-pid-random: one PEL per source instance, unique across daemons and restarts."""
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -367,15 +358,6 @@ class RedisQueue:
         self._claim_interval = min(
             max(self.visibility_timeout_s / 4, CLAIM_INTERVAL_MIN_S), CLAIM_INTERVAL_MAX_S
         )
-        # The encoded size of a record without attributes, less its body, with every other
-        # variable field at its longest (IDs are two 64-bit numbers, counts and times fit in
-        # 20 digits).
-        longest_id = b"18446744073709551615-18446744073709551615"
-        self._size_overhead = 0
-        template = self._message(longest_id, [BODY_FIELD, b""], 1, 10**19).record
-        template["attributes"]["ApproximateReceiveCount"] = "9" * 20
-        template["attributes"]["ApproximateFirstReceiveTimestamp"] = "9" * 20
-        self._size_overhead = len(_encode_json(template)) - len(_encode_json(""))
         self._read_head = ("XREADGROUP", "GROUP", self._group_b, self._consumer_b, "COUNT")
         # XACK's name, key and group in RESP, ahead of the IDs (see _xack).
         self._xack_head = b"".join(
@@ -1050,34 +1032,34 @@ class RedisQueue:
         """Messages for entries XREADGROUP just delivered for the first time.
 
         The hot path: the loop is _message's fast case inlined, with everything it touches
-        in locals, for the usual entry (a lone UTF-8 ``body`` field); anything else goes
-        through _message.
+        in locals, for the usual entry (a lone UTF-8 ``body`` field). The record goes straight
+        to JSON through the shape's template; anything else goes through _message.
         """
-        now = str(int(time.time() * 1000))
-        md5 = hashlib.md5
-        encode = _encode_json
-        overhead = self._size_overhead
-        shape = self._shape.record
+        now_ms = int(time.time() * 1000)
+        now = b"%d" % now_ms
+        digest = md5
+        json_body = json_string
+        template = self._shape.plain_template
         slow = self._message
         messages: list[Message] = []
         append = messages.append
         for raw_id, fields in entries:
             if len(fields) != 2 or fields[0] != BODY_FIELD:
-                append(slow(raw_id, fields, 1, int(now)))
+                append(slow(raw_id, fields, 1, now_ms))
                 continue
             raw = fields[1]
             try:
                 body = raw.decode("utf-8")
             except UnicodeDecodeError:
-                append(slow(raw_id, fields, 1, int(now)))
+                append(slow(raw_id, fields, 1, now_ms))
                 continue
             entry_id = raw_id.decode("ascii")
-            record = shape(
-                entry_id, entry_id, body, "1", entry_id.partition("-")[0], now,
-                md5(raw, usedforsecurity=False).hexdigest(),
+            encoded = template % (
+                raw_id, raw_id, json_body(body), b"1", raw_id.partition(b"-")[0], now,
+                digest(raw).hexdigest().encode("ascii"),
             )
-            # Positional: half the cost of keywords here (the order is checked at import).
-            append(Message(entry_id, entry_id, body, 1, record, overhead + len(encode(body))))
+            # Positional: half the cost of keywords here.
+            append(Message(entry_id, entry_id, body, 1, None, len(encoded), None, None, encoded))
         return messages
 
     def _message(
@@ -1085,7 +1067,7 @@ class RedisQueue:
     ) -> Message:
         """The message and its §7.1 record for one entry."""
         entry_id = raw_id.decode("ascii")
-        sent_ms = raw_id.partition(b"-")[0].decode("ascii")
+        sent_ms = raw_id.partition(b"-")[0]
         attributes: dict[str, dict[str, Any]] | None = None
         if fields is not None and len(fields) == 2 and fields[0] == BODY_FIELD:
             # The common case: just a body.
@@ -1101,26 +1083,23 @@ class RedisQueue:
             raw = body.encode()
         # The PEL keeps only the last delivery time: for a redelivery the send time is the
         # closest bound we have for the first receive.
-        first_receive = str(now_ms) if receive_count <= 1 else sent_ms
+        first_receive = b"%d" % now_ms if receive_count <= 1 else sent_ms
+        md5_of_body = md5(raw).hexdigest()
+        if not attributes:
+            encoded = self._shape.encode_plain(
+                raw_id, raw_id, body, b"%d" % receive_count, sent_ms, first_receive,
+                md5_of_body.encode("ascii"),
+            )
+            return Message(entry_id, entry_id, body, receive_count, None, len(encoded),
+                           encoded=encoded)
         record = self._shape.record(
-            entry_id, entry_id, body, str(receive_count), sent_ms, first_receive,
-            hashlib.md5(raw, usedforsecurity=False).hexdigest(), attributes,
+            entry_id, entry_id, body, str(receive_count), sent_ms.decode("ascii"),
+            first_receive.decode("ascii"), md5_of_body, attributes,
         )
-        if attributes:
-            record["md5OfMessageAttributes"] = md5_of_message_attributes(attributes)
-            size = len(_encode_json(record))
-        else:
-            # An upper bound (what Message.size asks for) at a fraction of encoding it all:
-            # everything but the body has a bounded length.
-            size = self._size_overhead + len(_encode_json(body))
-        return Message(
-            id=entry_id,
-            receipt=entry_id,
-            body=body,
-            receive_count=receive_count,
-            record=record,
-            size=size,
-        )
+        record["md5OfMessageAttributes"] = md5_of_message_attributes(attributes)
+        encoded = _encode_json(record)
+        return Message(entry_id, entry_id, body, receive_count, record, len(encoded),
+                       encoded=encoded)
 
     @staticmethod
     def _decode_fields(fields: list[bytes]) -> tuple[str, dict[str, dict[str, Any]]]:

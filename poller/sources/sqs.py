@@ -31,7 +31,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from poller.events import record_size, sqs_record
+from poller.events import encode_record, sqs_record
 from poller.logs import log
 from poller.sources.base import Depth, Message, SourceError
 
@@ -356,7 +356,7 @@ class SqsQueue:
         for message in messages:
             # SQS caps a message's total hidden time at 12 h counted from its receive, and
             # rejects a change that would pass it; ask for what is left instead.
-            received_at = float(message.extra.get(_RECEIVED_AT, now))
+            received_at = float((message.extra or {}).get(_RECEIVED_AT, now))
             left = MAX_VISIBILITY_S - int(now - received_at) - _VISIBILITY_MARGIN_S
             timeouts[message.receipt] = max(0, min(int(timeout_s), left))
         entries = [{"ReceiptHandle": r, "VisibilityTimeout": t} for r, t in timeouts.items()]
@@ -557,15 +557,17 @@ class SqsQueue:
                 "md5OfMessageAttributes": md5_attrs,
                 **{k: v for k, v in record.items() if k not in _BEFORE_MD5_ATTRS},
             }
+        encoded = encode_record(record)
         return Message(
             id=raw["MessageId"],
             receipt=raw["ReceiptHandle"],
             body=record["body"],
             receive_count=receive_count,
             record=record,
-            size=record_size(record),
+            size=len(encoded),
             group=attrs.get("MessageGroupId"),
             extra={_RECEIVED_AT: now_ms / 1000},
+            encoded=encoded,
         )
 
     async def _call(

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -181,9 +182,35 @@ async def test_send_via_factory_and_record_shape(
     assert before - 1 <= int(attributes["SentTimestamp"]) <= after + 1
     assert int(attributes["SentTimestamp"]) <= int(attributes["ApproximateFirstReceiveTimestamp"])
     assert all(isinstance(v, str) for v in attributes.values())
-    # size is an upper bound of the encoded record, and a close one.
-    encoded = len(json.dumps(record, separators=(",", ":")).encode())
-    assert encoded <= message.size <= encoded + 200
+    assert message.encoded == msgspec.json.encode(record)
+    assert message.size == len(message.encoded)
+
+
+async def test_plain_entries_encode_exactly_as_the_reference_record(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    # The usual entry (a lone UTF-8 body) is encoded straight from a template: it must be the
+    # same bytes as the dict every other source builds, whatever the body holds.
+    uri = _uri(redis_server, "visibility_timeout=5", auth="")
+    bodies = ["plain", 'quote " and \\ back', "ünïcode ☃ 🎉", "ctrl \x01\n\t\x7f", "%s %b %%", ""]
+    async with _started(uri) as queue:
+        sender = open_queue_sender(uri, Config(), store=None)  # type: ignore[arg-type]
+        assert await sender.send(bodies) == len(bodies)
+        await sender.close()
+        messages = await _receive_all(queue, len(bodies))
+    assert [m.body for m in messages] == bodies
+    for message in messages:
+        attributes = json.loads(message.encoded)["attributes"]
+        first_receive = attributes["ApproximateFirstReceiveTimestamp"]
+        reference = sqs_record(
+            message_id=message.id, receipt_handle=message.id, body=message.body,
+            receive_count=1, sent_ms=int(message.id.split("-")[0]),
+            first_receive_ms=int(first_receive), event_source=EVENT_SOURCE,
+            event_source_arn=uri, region="local",
+        )
+        assert message.encoded == msgspec.json.encode(reference), message.body
+        assert message.size == len(message.encoded)
+        assert message.record == reference
 
 
 async def test_send_refuses_delay_and_body_attribute(

@@ -14,7 +14,7 @@ import pytest
 from aiobotocore.session import get_session
 from aiohttp import web
 
-from poller.events import md5_hex, record_size
+from poller.events import encode_record, md5_hex
 from poller.sources.base import Depth, Message, SourceError
 from poller.sources.sqs import NON_EXISTENT_QUEUE_MESSAGE, SqsQueue
 from tests.conftest import AwsEnv
@@ -384,7 +384,8 @@ async def test_record_shape_matches_lambda(_moto_endpoint: str) -> None:
     for key in ("SentTimestamp", "ApproximateFirstReceiveTimestamp"):
         assert attributes[key].isdigit() and len(attributes[key]) == 13  # epoch ms
     assert int(attributes["ApproximateFirstReceiveTimestamp"]) >= int(attributes["SentTimestamp"])
-    assert plain.size == record_size(record)
+    assert plain.encoded == encode_record(record)
+    assert plain.size == len(plain.encoded)
     assert plain.group is None
     json.dumps(record)  # plain JSON types only
 
@@ -413,7 +414,8 @@ async def test_record_shape_matches_lambda(_moto_endpoint: str) -> None:
             "dataType": "Binary",
         },
     }
-    assert rich.size == record_size(rich_record)
+    assert rich.encoded == encode_record(rich_record)
+    assert rich.size == len(rich.encoded)
     json.dumps(rich_record)
 
 

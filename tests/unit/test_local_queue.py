@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from poller.events import md5_hex, md5_of_message_attributes, record_size, string_attribute
+from poller.events import md5_hex, md5_of_message_attributes, string_attribute
 from poller.sources.base import Message, SourceError
 from poller.sources.local import LocalQueue
 from poller.state.sqlite import SqliteStore
@@ -376,7 +376,8 @@ async def test_record_shape(store: SqliteStore, clock: Clock) -> None:
     assert record["eventSource"] == "poller:local"
     assert record["eventSourceARN"] == "local://orders"
     assert record["awsRegion"] == "eu-west-1"
-    assert message.size == record_size(record) == len(msgspec.json.encode(record))
+    assert message.encoded == msgspec.json.encode(record)
+    assert message.size == len(message.encoded)
     assert message.group is None
 
 
