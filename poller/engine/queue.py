@@ -538,7 +538,10 @@ class QueueRunner:
         else:
             metrics.outcome(result.outcome).inc()
         counts = self.counts
-        counts.batch_seconds += elapsed
+        # A cold start's spawn and init are paid once per environment, not per batch. Counted
+        # as batch time they would make batches look slow, so the controller would add
+        # environments whose own cold starts look slower still: scaling on its own overhead.
+        counts.batch_seconds += elapsed if result.init_ms is None else result.duration_ms / 1000
         counts.batches_completed += 1
         counts.messages += count
 

@@ -21,7 +21,7 @@ Model (ESM_SEMANTICS.md §3.1, §3.5, §12 items 2-4, §13 "Queue poller"):
 * Up. Fast, because slow scale-up is pain point §12.4. At most x2 per tick, but a need
   of up to ``UP_SMALL_JUMP`` is granted at once. With no duration measured yet, the need
   is one slot per waiting batch, so the target doubles while the backlog exceeds what is
-  in flight.
+  in flight; with nothing in flight either, the target holds until a batch has run.
 * Down. Gradual: -25 % or -1 per tick. It goes only as low as the highest need of the
   last ``down_hold_s`` (so never within ``down_hold_s`` of an up-step), only when that is
   clearly lower (deadband), and never below the batches in flight (they hold their
@@ -366,6 +366,11 @@ class ScalingController:
         waiting = max(0.0, backlog - max(obs.in_flight, 0) * bs) / bs
         d = self._duration
         if d is None:
+            if obs.in_flight <= 0:
+                # Nothing measured and nothing running yet (a mapping that has just started):
+                # the first batches will say how long a batch takes within a tick. Growing on
+                # no evidence would start environments a fast handler never needs.
+                return self._target, f"backlog {backlog}, waiting for a first batch duration"
             # Cold start: no duration yet, so one slot per waiting batch. The x2 step limit
             # turns this into "double while the backlog exceeds in-flight capacity".
             need = math.ceil(waiting)

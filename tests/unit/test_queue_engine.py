@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import textwrap
 import time
 import uuid
@@ -22,7 +23,7 @@ from poller.engine import queue as queue_engine
 from poller.engine.batching import Batch, parse_batch_item_failures
 from poller.engine.filtering import compile_filter_criteria
 from poller.engine.queue import ConcurrencyPolicy, OutcomeCounts, QueueRunner, QueueSettings
-from poller.events import record_size, sqs_record
+from poller.events import encode_record, sqs_record
 from poller.logs import JsonLog
 from poller.metrics import MappingMetrics
 from poller.runtime.pool import Runtime
@@ -114,7 +115,7 @@ class StubQueue:
                                 event_source="poller:stub", event_source_arn="stub://q",
                                 region="local")
             out.append(Message(mid, m["receipt"], m["body"], m["count"], record,
-                               record_size(record)))
+                               len(encode_record(record))))
         return out
 
     async def delete(self, messages: list[Message]) -> None:
@@ -387,6 +388,37 @@ async def test_backlog_on_an_idle_queue_prompts_a_tick_at_once(
     seen_at = next(t for t, d in source.readings if d.backlog > 0)
     ticked_at = next(t for t, d in policy.ticks if d is not None and d.backlog > 0)
     assert ticked_at - seen_at < 0.2, f"first tick {ticked_at - seen_at:.3f} s after the reading"
+
+
+async def test_cold_start_is_not_counted_as_batch_time(handler_dir: Path) -> None:
+    (handler_dir / "slowinit.py").write_text(
+        "import time\ntime.sleep(1.0)\n\ndef handler(event, context):\n    return None\n"
+    )
+
+    class Recording(ConcurrencyPolicy):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.batch_seconds = 0.0
+            self.batches = 0
+
+        def tick(self, now: float, depth: Depth | None, in_flight: int,
+                 counts: OutcomeCounts) -> int:
+            self.batch_seconds += counts.batch_seconds
+            self.batches += counts.batches_completed
+            return self.target
+
+    config = FunctionConfig(name="f", handler="slowinit.handler", code_path=str(handler_dir))
+    devnull = open(os.devnull, "wb")  # noqa: SIM115, ASYNC230 - /dev/null, for the test
+    runtime = Runtime([config], memory_budget_mb=4096, log=JsonLog(devnull))
+    source = StubQueue()
+    source.put("first, cold")
+    source.put("second, warm")
+    policy = Recording()
+    runner = _runner(_settings(batch_size=1), source, runtime, policy)
+    await _run_until(runner, lambda: policy.batches >= 2)
+    await runtime.close()
+    # Two batches of a no-op handler: the 1 s import of the first is not batch time.
+    assert policy.batch_seconds < 0.5, policy.batch_seconds
 
 
 def test_batch_respects_count_and_bytes() -> None:

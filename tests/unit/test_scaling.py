@@ -216,6 +216,25 @@ def test_cold_start_doubles_while_backlog_exceeds_in_flight_capacity() -> None:
     assert ctrl.mean_batch_seconds is None
 
 
+def test_cold_start_waits_for_a_first_batch_before_growing() -> None:
+    # A mapping that has just started on a deep backlog (200,000 messages, batches of 100):
+    # nothing runs yet, nothing is measured. Growing now would spawn environments a fast
+    # handler never needs.
+    ctrl = controller(batch_size=100)  # 5 slots
+    d = ctrl.observe(Observation(now=0.0, backlog=200_000, in_flight=0))
+    assert d.target == INITIAL_TARGET
+    # A tick later 5 ms batches have run: 2,000 batches x 5 ms drain in 5 s with 2 slots.
+    d = ctrl.observe(Observation(now=DT, backlog=198_000, in_flight=5, ok=20,
+                                 batch_seconds=20 * 0.005, batches_completed=20,
+                                 messages=2_000))
+    assert d.target == INITIAL_TARGET
+    # Slow batches instead (none finished, all slots busy): the cold-start ramp goes on.
+    ctrl = controller(batch_size=100)
+    ctrl.observe(Observation(now=0.0, backlog=200_000, in_flight=0))
+    d = ctrl.observe(Observation(now=DT, backlog=200_000, in_flight=5))
+    assert d.target == 10
+
+
 def test_cold_start_does_not_grow_when_in_flight_batches_hold_the_backlog() -> None:
     ctrl = controller()  # 5 slots
     d = ctrl.observe(Observation(now=1.0, backlog=50, in_flight=5))
