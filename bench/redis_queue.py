@@ -1,6 +1,6 @@
 """Drain a pre-loaded Redis stream with poller, beside a raw redis-py loop, in one run.
 
-    python bench/redis_queue.py [--entries 200000] [--batch-sizes 1,10,100]
+    python bench/redis_queue.py [--entries 200000] [--batch-sizes 1,10,100] [--repeat 3]
 
 For each batch size: load N 100-byte entries into a fresh stream on a private redis-server,
 then time
@@ -8,7 +8,9 @@ then time
     (the baseline a hand-written consumer gets), and
   * poller: a real `poller run` daemon with a redis-queue:// mapping (BatchSize=batch) and a
     no-op handler, from start until the group has no lag and nothing pending.
-Both read their own consumer group of the same stream. Prints records/s and the ratio.
+Both read their own consumer group of the same stream, a fresh one per run; ``--repeat`` runs
+alternate which goes first. Prints records/s, the ratio per run and the median ratio, and the
+CPU the daemon, its workers and redis-server used per record during poller's drain.
 Targets (issue): batch 100 >= 0.6x raw; batch 1 >= 2x raw (raw count=1 is one round trip per
 read and per ack; poller overlaps reads, acks and invokes across concurrent workers).
 """
@@ -16,9 +18,11 @@ read and per ack; poller overlaps reads, acks and invokes across concurrent work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,8 +51,7 @@ def load(client: redis.Redis, entries: int) -> None:
     pipe.execute()
 
 
-def raw_drain(client: redis.Redis, batch: int) -> float:
-    group = f"raw-{batch}"
+def raw_drain(client: redis.Redis, batch: int, group: str) -> float:
     client.xgroup_create(STREAM, group, id="0")
     started = time.perf_counter()
     while True:
@@ -60,6 +63,32 @@ def raw_drain(client: redis.Redis, batch: int) -> float:
     return time.perf_counter() - started
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """utime + stime of each live process, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    # A process started meanwhile counts from zero.
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 def group_state(client: redis.Redis, group: str) -> tuple[int, int]:
     """(pending, lag) of the group."""
     for info in client.xinfo_groups(STREAM):
@@ -68,14 +97,13 @@ def group_state(client: redis.Redis, group: str) -> tuple[int, int]:
     raise SystemExit(f"group {group} vanished")
 
 
-def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path,
-                 entries: int) -> tuple[float, dict[str, float]]:
-    group = f"poller-{batch}"
+def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entries: int,
+                 redis_pid: int, group: str) -> tuple[float, dict[str, float]]:
     client.xgroup_create(STREAM, group, id="0")
     port = free_port()
     (workdir / "noop.py").write_text("def handler(event, context):\n    return None\n")
     window = 0 if batch <= 10 else 1
-    config = workdir / f"bench-{batch}.toml"
+    config = workdir / f"{group}.toml"
     config.write_text(textwrap.dedent(
         f"""
         [daemon]
@@ -84,7 +112,7 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path,
         memory_mb = 8192
 
         [state]
-        url = "sqlite:///{workdir}/state-{batch}.db"
+        url = "sqlite:///{workdir}/state-{group}.db"
 
         [[functions]]
         name = "noop"
@@ -99,25 +127,33 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path,
         maximum_batching_window_in_seconds = {window}
         """
     ))
-    log = (workdir / f"daemon-{batch}.log").open("wb")
+    log = (workdir / f"daemon-{group}.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "poller.cli", "run", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT)
     # The clock starts at the first delivery: daemon start-up (imports, state store) is not
     # part of draining, and the raw loop has none.
     started: float | None = None
+    cpu_before: list[dict[int, float]] = []
     try:
         while True:
             pending, lag = group_state(client, group)
             now = time.perf_counter()
             if started is None and (pending or lag < entries):
                 started = now
+                cpu_before = [cpu_seconds([proc.pid]), cpu_seconds(children(proc.pid)),
+                              cpu_seconds([redis_pid])]
             if started is not None and pending == 0 and lag == 0:
                 break
             if proc.poll() is not None:
                 raise SystemExit(f"daemon exited: see {log.name}")
             time.sleep(0.005)
         elapsed = now - started
+        cpu_after = [cpu_seconds([proc.pid]), cpu_seconds(children(proc.pid)),
+                     cpu_seconds([redis_pid])]
         stats = scrape(port)
+        for name, before, after in zip(("daemon", "workers", "redis"), cpu_before, cpu_after,
+                                       strict=True):
+            stats[f"cpu_{name}"] = cpu_used(before, after)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -142,6 +178,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--batch-sizes", default="1,10,100")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="raw/poller run pairs per batch size (median ratio reported)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
@@ -151,23 +189,42 @@ def main() -> None:
         client = redis.Redis.from_url(server.url)
         print(f"redis-server {client.info()['redis_version']} on {server.url}; "
               f"{args.entries} entries of {len(BODY)} bytes; {os.cpu_count()} CPUs")
-        print(f"{'batch':>5} {'raw rec/s':>11} {'poller rec/s':>13} {'ratio':>6} "
-              f"{'target':>8} {'invokes':>8} {'final target conc.':>18}")
+        print(f"{'batch':>5} {'run':>3} {'raw rec/s':>11} {'poller rec/s':>13} {'ratio':>6} "
+              f"{'invokes':>8} {'final target conc.':>18}")
         results = []
         try:
             for batch in sizes:
+                # One stream per batch size, read by a fresh group per run. Runs alternate
+                # which of the two goes first, so a drift in machine speed hits both alike.
                 load(client, args.entries)
-                raw_s = raw_drain(client, batch)
-                poller_s, stats = poller_drain(client, server.url, batch, workdir, args.entries)
-                raw_rate = args.entries / raw_s
-                poller_rate = args.entries / poller_s
-                target = ">= 2x" if batch == 1 else (">= 0.6x" if batch == 100 else "")
-                print(f"{batch:>5} {raw_rate:>11,.0f} {poller_rate:>13,.0f} "
-                      f"{poller_rate / raw_rate:>5.2f}x {target:>8} "
-                      f"{stats.get('poller_invocations_total', 0):>8,.0f} "
-                      f"{stats.get('poller_mapping_concurrency_target', 0):>18,.0f}")
-                results.append({"batch": batch, "raw_per_s": raw_rate,
-                                "poller_per_s": poller_rate})
+                ratios = []
+                for run in range(args.repeat):
+                    raw_first = run % 2 == 0
+                    if raw_first:
+                        raw_s = raw_drain(client, batch, f"raw-{batch}-{run}")
+                    poller_s, stats = poller_drain(client, server.url, batch, workdir,
+                                                   args.entries, server.proc.pid,
+                                                   f"poller-{batch}-{run}")
+                    if not raw_first:
+                        raw_s = raw_drain(client, batch, f"raw-{batch}-{run}")
+                    raw_rate = args.entries / raw_s
+                    poller_rate = args.entries / poller_s
+                    ratios.append(poller_rate / raw_rate)
+                    print(f"{batch:>5} {run + 1:>3} {raw_rate:>11,.0f} {poller_rate:>13,.0f} "
+                          f"{poller_rate / raw_rate:>5.2f}x "
+                          f"{stats.get('poller_invocations_total', 0):>8,.0f} "
+                          f"{stats.get('poller_mapping_concurrency_target', 0):>18,.0f}")
+                    cpu = {k[4:]: round(v, 2) for k, v in stats.items() if k.startswith("cpu_")}
+                    per_record = ", ".join(f"{k} {v / args.entries * 1e6:.1f} us"
+                                           for k, v in cpu.items())
+                    print(f"          poller CPU during the drain ({poller_s:.2f} s x "
+                          f"{os.cpu_count()} cores): per record {per_record}")
+                    results.append({"batch": batch, "run": run + 1, "raw_per_s": raw_rate,
+                                    "poller_per_s": poller_rate, "cpu_s": cpu})
+                target = {1: ">= 2x", 100: ">= 0.6x"}.get(batch, "(no target)")
+                print(f"{batch:>5} median ratio {statistics.median(ratios):.2f}x "
+                      f"[{min(ratios):.2f}-{max(ratios):.2f}] over {len(ratios)} runs; "
+                      f"target {target}")
         finally:
             client.close()
             server.stop()
