@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from tests.servers import RedisServer, free_port  # noqa: E402
 
 STREAM = "bench"
+TARGET_SAMPLE_S = 0.5
 BODY = "x" * 100
 
 
@@ -134,6 +135,8 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entri
     # part of draining, and the raw loop has none.
     started: float | None = None
     cpu_before: list[dict[int, float]] = []
+    targets: list[float] = []  # the controller's target, every TARGET_SAMPLE_S of the drain
+    next_sample = 0.0
     try:
         while True:
             pending, lag = group_state(client, group)
@@ -144,6 +147,10 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entri
                               cpu_seconds([redis_pid])]
             if started is not None and pending == 0 and lag == 0:
                 break
+            if started is not None and now >= next_sample:
+                next_sample = now + TARGET_SAMPLE_S
+                with contextlib.suppress(OSError):
+                    targets.append(scrape(port).get("poller_mapping_concurrency_target", 0))
             if proc.poll() is not None:
                 raise SystemExit(f"daemon exited: see {log.name}")
             time.sleep(0.005)
@@ -154,6 +161,9 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entri
         for name, before, after in zip(("daemon", "workers", "redis"), cpu_before, cpu_after,
                                        strict=True):
             stats[f"cpu_{name}"] = cpu_used(before, after)
+        if targets:
+            stats["target_peak"] = max(targets)
+            stats["target_mean"] = statistics.fmean(targets)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -190,7 +200,7 @@ def main() -> None:
         print(f"redis-server {client.info()['redis_version']} on {server.url}; "
               f"{args.entries} entries of {len(BODY)} bytes; {os.cpu_count()} CPUs")
         print(f"{'batch':>5} {'run':>3} {'raw rec/s':>11} {'poller rec/s':>13} {'ratio':>6} "
-              f"{'invokes':>8} {'final target conc.':>18}")
+              f"{'invokes':>8}  target concurrency: mean / peak / at the end")
         results = []
         try:
             for batch in sizes:
@@ -212,8 +222,10 @@ def main() -> None:
                     ratios.append(poller_rate / raw_rate)
                     print(f"{batch:>5} {run + 1:>3} {raw_rate:>11,.0f} {poller_rate:>13,.0f} "
                           f"{poller_rate / raw_rate:>5.2f}x "
-                          f"{stats.get('poller_invocations_total', 0):>8,.0f} "
-                          f"{stats.get('poller_mapping_concurrency_target', 0):>18,.0f}")
+                          f"{stats.get('poller_invocations_total', 0):>8,.0f}  "
+                          f"{stats.get('target_mean', 0):.1f} / "
+                          f"{stats.get('target_peak', 0):.0f} / "
+                          f"{stats.get('poller_mapping_concurrency_target', 0):.0f}")
                     cpu = {k[4:]: round(v, 2) for k, v in stats.items() if k.startswith("cpu_")}
                     per_record = ", ".join(f"{k} {v / args.entries * 1e6:.1f} us"
                                            for k, v in cpu.items())
