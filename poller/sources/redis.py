@@ -252,9 +252,20 @@ end
 return reaped
 """
 
-# Commands whose replies we read straight from hiredis: redis-py's parsers build a dict per
-# entry (and differ between RESP2 and RESP3), which costs more than the network on a fast loop.
-_RAW_COMMANDS: Final = ("XREADGROUP", "XRANGE")
+# Commands sent through redis-py whose replies we read straight from hiredis: redis-py's
+# parsers build a dict per entry (and differ between RESP2 and RESP3). XREADGROUP and XACK
+# skip redis-py altogether (RedisQueue._raw).
+_RAW_COMMANDS: Final = ("XRANGE",)
+
+
+def _resp_args(parts: Sequence[bytes]) -> bytes:
+    """Bulk strings in RESP, without the array header (it depends on the whole command)."""
+    return b"".join(b"$%d\r\n%b\r\n" % (len(part), part) for part in parts)
+
+
+def _resp_int(value: int) -> bytes:
+    digits = b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(digits), digits)
 
 
 def consumer_name() -> str:
@@ -358,12 +369,14 @@ class RedisQueue:
         self._claim_interval = min(
             max(self.visibility_timeout_s / 4, CLAIM_INTERVAL_MIN_S), CLAIM_INTERVAL_MAX_S
         )
-        self._read_head = ("XREADGROUP", "GROUP", self._group_b, self._consumer_b, "COUNT")
-        # XACK's name, key and group in RESP, ahead of the IDs (see _xack).
-        self._xack_head = b"".join(
-            b"$%d\r\n%b\r\n" % (len(part), part) for part in (b"XACK", self._key, self._group_b)
+        # The constant parts of XREADGROUP and XACK in RESP (see _read_new and _xack).
+        self._read_head = _resp_args(
+            (b"XREADGROUP", b"GROUP", self._group_b, self._consumer_b, b"COUNT")
         )
-        self._read_tail = ("STREAMS", self._key, b">")
+        self._read_tail = _resp_args((b"STREAMS", self._key, b">"))
+        self._xack_head = _resp_args((b"XACK", self._key, self._group_b))
+        # Idle connections for the commands packed here (_raw), outside redis-py's pool.
+        self._raw_idle: list[Any] = []
 
         self._redis: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -590,6 +603,10 @@ class RedisQueue:
             request = self._read_queue.popleft()
             if not request.future.done():
                 request.future.set_result([])
+        idle, self._raw_idle = self._raw_idle, []
+        for connection in idle:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
         client, self._redis = self._redis, None
         if client is None:
             self._closed = True
@@ -888,12 +905,15 @@ class RedisQueue:
 
     async def _read_new(self, count: int, block_ms: int) -> list[Message]:
         if block_ms >= 1:
-            args = (*self._read_head, count, "BLOCK", block_ms, *self._read_tail)
-        else:
-            args = (*self._read_head, count, *self._read_tail)  # BLOCK 0 would mean forever
+            packed = b"*11\r\n%b%b%b%b" % (
+                self._read_head, _resp_int(count), _resp_args((b"BLOCK", b"%d" % block_ms)),
+                self._read_tail,
+            )
+        else:  # BLOCK 0 would mean forever
+            packed = b"*9\r\n%b%b%b" % (self._read_head, _resp_int(count), self._read_tail)
 
         async def go(client: aioredis.Redis) -> Any:
-            return await client.execute_command(*args)
+            return (await self._raw(client, packed, 1))[0]
 
         reply = await self._call("receive", go)
         if not reply:
@@ -995,7 +1015,7 @@ class RedisQueue:
         await self._call("delete", go)
 
     async def _xack(self, ids: list[str]) -> None:
-        """XACK, packed here and sent on a pooled connection (one write for every chunk).
+        """XACK, packed here (one write for every chunk; see _raw).
 
         Entry IDs are ASCII, so one join packs them all: a tenth of what redis-py's
         per-argument packing costs, and the server runs plain XACKs, not a script that first
@@ -1005,20 +1025,45 @@ class RedisQueue:
         packed = b"".join(self._xack_command(chunk) for chunk in chunks)
 
         async def go(client: aioredis.Redis) -> Any:
-            pool = client.connection_pool
-            connection = await pool.get_connection()
-            try:
-                await connection.send_packed_command(packed)
-                return [await connection.read_response() for _ in chunks]
-            except BaseException:
-                # A reply may be left unread (an error reply to one chunk, a cancel): it must
-                # never reach the next user of this connection.
-                await connection.disconnect(nowait=True)
-                raise
-            finally:
-                await pool.release(connection)
+            return await self._raw(client, packed, len(chunks))
 
         await self._call("delete", go)
+
+    async def _raw(self, client: aioredis.Redis, packed: bytes, replies: int) -> list[Any]:
+        """Send commands packed in RESP and read their ``replies`` raw (hiredis) replies.
+
+        The hot commands (XREADGROUP, XACK) bypass redis-py's command path and its pool,
+        whose per-call lock, liveness probe (a read syscall) and bookkeeping cost more than
+        the round trip on a busy daemon. Connections come from the pool's factory, with its
+        address, credentials and TLS, and are kept here, one per command in flight. One that
+        fails in any way (an error reply may leave a reply unread, a cancel may leave half a
+        command written) is closed, never reused. A reused one that turns out dead (Redis
+        restarted) is replaced once at once, as redis-py's own retry would.
+        """
+        idle = self._raw_idle
+        while True:
+            reused = bool(idle)
+            if reused:
+                connection = idle.pop()
+            else:
+                connection = client.connection_pool.make_connection()
+                # One deadline for the whole exchange (below) instead of redis-py's per-write
+                # wait_for, which costs a task per command.
+                connection.socket_timeout = None
+            try:
+                async with asyncio.timeout(SOCKET_TIMEOUT_S):
+                    await connection.send_packed_command(packed, check_health=False)
+                    out = [await connection.read_response() for _ in range(replies)]
+            except RedisConnectionError:
+                await connection.disconnect(nowait=True)
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            idle.append(connection)
+            return out
 
     def _xack_command(self, ids: Sequence[str]) -> bytes:
         head = self._xack_head
