@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import time
@@ -227,10 +226,6 @@ class Daemon:
             self.log.error(str(exc))
             await self._close()
             return 1
-        # Everything allocated so far (modules, clients, config) lives as long as the daemon.
-        # Frozen, the cyclic GC stops walking it in every full collection; a busy daemon
-        # allocates fast enough to run one every few seconds.
-        gc.freeze()
         self.log.info("poller daemon running", config=config.path,
                       http=config.daemon.http_listen, state=_safe_url(config.state_url),
                       functions=[f.name for f in config.functions])
