@@ -191,6 +191,23 @@ async def _run_until(runner: QueueRunner, condition: Any, limit_s: float = 20) -
         await asyncio.gather(task, return_exceptions=True)
 
 
+class RecordingPolicy(ConcurrencyPolicy):
+    """One poller; keeps what each tick saw."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.ticks: list[tuple[float, Depth | None]] = []
+        self.batch_seconds = 0.0
+        self.batches = 0
+
+    def tick(self, now: float, depth: Depth | None, in_flight: int,
+             counts: OutcomeCounts) -> int:
+        self.ticks.append((now, depth))
+        self.batch_seconds += counts.batch_seconds
+        self.batches += counts.batches_completed
+        return self.target
+
+
 def _runner(settings: QueueSettings, source: StubQueue, runtime: Runtime,
             policy: ConcurrencyPolicy | None = None) -> QueueRunner:
     return QueueRunner(settings, source, runtime.pool("f"),
@@ -349,16 +366,6 @@ async def test_backlog_on_an_idle_queue_prompts_a_tick_at_once(
     # tick to see the burst would come up to 3 s after the reading that found it.
     monkeypatch.setattr(queue_engine, "MANAGE_INTERVAL_S", 3.0)
 
-    class Recording(ConcurrencyPolicy):
-        def __init__(self) -> None:
-            super().__init__(1)
-            self.ticks: list[tuple[float, Depth | None]] = []
-
-        def tick(self, now: float, depth: Depth | None, in_flight: int,
-                 counts: OutcomeCounts) -> int:
-            self.ticks.append((now, depth))
-            return self.target
-
     class Watched(StubQueue):
         def __init__(self) -> None:
             super().__init__()
@@ -371,7 +378,7 @@ async def test_backlog_on_an_idle_queue_prompts_a_tick_at_once(
 
     runtime = _runtime(handler_dir, "slow", timeout_s=10, environment={"SLEEP": "0.2"})
     source = Watched()
-    policy = Recording()
+    policy = RecordingPolicy()
     runner = _runner(_settings(batch_size=1), source, runtime, policy)
     task = asyncio.create_task(runner.run())
     try:
@@ -395,25 +402,13 @@ async def test_cold_start_is_not_counted_as_batch_time(handler_dir: Path) -> Non
         "import time\ntime.sleep(1.0)\n\ndef handler(event, context):\n    return None\n"
     )
 
-    class Recording(ConcurrencyPolicy):
-        def __init__(self) -> None:
-            super().__init__(1)
-            self.batch_seconds = 0.0
-            self.batches = 0
-
-        def tick(self, now: float, depth: Depth | None, in_flight: int,
-                 counts: OutcomeCounts) -> int:
-            self.batch_seconds += counts.batch_seconds
-            self.batches += counts.batches_completed
-            return self.target
-
     config = FunctionConfig(name="f", handler="slowinit.handler", code_path=str(handler_dir))
     devnull = open(os.devnull, "wb")  # noqa: SIM115, ASYNC230 - /dev/null, for the test
     runtime = Runtime([config], memory_budget_mb=4096, log=JsonLog(devnull))
     source = StubQueue()
     source.put("first, cold")
     source.put("second, warm")
-    policy = Recording()
+    policy = RecordingPolicy()
     runner = _runner(_settings(batch_size=1), source, runtime, policy)
     await _run_until(runner, lambda: policy.batches >= 2)
     await runtime.close()
