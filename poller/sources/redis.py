@@ -1038,7 +1038,8 @@ class RedisQueue:
         address, credentials and TLS, and are kept here, one per command in flight. One that
         fails in any way (an error reply may leave a reply unread, a cancel may leave half a
         command written) is closed, never reused. A reused one that turns out dead (Redis
-        restarted) is replaced once at once, as redis-py's own retry would.
+        restarted) takes the other idle ones with it, since they died the same way, and the
+        command is retried once at once on a fresh connection, as redis-py's own retry would.
         """
         idle = self._raw_idle
         while True:
@@ -1057,6 +1058,9 @@ class RedisQueue:
             except RedisConnectionError:
                 await connection.disconnect(nowait=True)
                 if reused:
+                    stale, idle[:] = list(idle), []
+                    for other in stale:
+                        await other.disconnect(nowait=True)
                     continue
                 raise
             except BaseException:

@@ -589,6 +589,22 @@ async def test_restart_without_persistence_raises_then_recovers(
         assert (await queue.depth()).in_flight == 1
 
 
+async def test_kept_connections_dead_after_a_restart_are_replaced_without_an_error(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    async with _started(_uri(redis_server, "visibility_timeout=1")) as queue:
+        await queue.send(["before"])
+        assert [m.body for m in await _receive_all(queue, 1)] == ["before"]
+        assert queue._raw_idle  # the read's connection is kept for the next one
+
+        redis_server.kill()
+        redis_server.restart()  # nothing called in between: the kept socket is dead unseen
+        async with _admin(redis_server) as admin:
+            await admin.xadd(KEY, {"body": "after"})
+        # No SourceError: the dead connection is dropped and the read retried on a new one.
+        assert [m.body for m in await _receive_all(queue, 1)] == ["after"]
+
+
 class _PersistentRedis(RedisServer):
     """A private redis-server that writes every command to its append-only file."""
 
