@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -13,6 +14,7 @@ from tests.servers import (
     AwsEnv,
     MissingBinaryError,
     MotoServer,
+    PersistentRedisServer,
     RedisServer,
     ServerProcess,
     TansuServer,
@@ -53,6 +55,17 @@ def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuServ
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     yield from _serve(MotoServer, tmp_path_factory)
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedisServer]:
+    """A private redis-server with an fsynced append-only file, for tests that kill it."""
+    server = PersistentRedisServer(workdir=tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

