@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,12 +57,19 @@ def test_two_daemons_share_registry_and_group(tmp_path: Path, redis_url: str) ->
         source = redis_url.replace("redis://", "redis-queue://") + "/jobs?start=0"
         created = json.loads(cli(config_a, "mappings", "create", "--function-name", "fleet",
                                  "--event-source-arn", source, "--batch-size", "5").stdout)
+        created_at = time.time()
         # Daemon B sees the mapping daemon A's CLI wrote.
         listed = json.loads(cli(config_b, "mappings", "list").stdout)["EventSourceMappings"]
         assert [m["UUID"] for m in listed] == [created["UUID"]]
+
+        def started_at(daemon: DaemonProcess) -> float | None:
+            return next((r["time"] for r in daemon.log_records()
+                         if r.get("message") == "mapping runner started"), None)
+
         for daemon in daemons:
-            wait_for(lambda d=daemon: any(r.get("message") == "mapping runner started"
-                                          for r in d.log_records()), 10, "runner start")
+            wait_for(lambda d=daemon: started_at(d) is not None, 10, "runner start")
+            # Both daemons act on the CLI's change within 2 s (the registry's revision poll).
+            assert started_at(daemon) - created_at < 2  # type: ignore[operator]
         bodies = [f"entry-{i}" for i in range(2000)]
         (tmp_path / "bodies.txt").write_text("\n".join(bodies) + "\n")
         cli(config_a, "send", source, "--file", str(tmp_path / "bodies.txt"))
