@@ -514,6 +514,27 @@ async def test_depth_is_lag_plus_pending(redis_server: RedisServer, redis_url: s
         assert (depth.visible, depth.in_flight, depth.backlog) == (6, 1, 7)
 
 
+async def test_depth_counts_entries_when_deletions_make_the_lag_unknown(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    # Redis 7 reports no lag once an entry past the group's position is deleted; Redis 6 never
+    # reports one. Either way depth counts what follows the last delivered ID.
+    async with _started(_uri(redis_server)) as queue, _admin(redis_server) as admin:
+        await queue.send([f"m{i}" for i in range(10)])
+        await _receive_all(queue, 4)
+        entries = await admin.xrange(KEY)
+        await admin.xdel(KEY, entries[6][0])
+        [group] = await admin.xinfo_groups(KEY)
+        assert group["lag"] is None
+        depth = await queue.depth()
+        assert (depth.visible, depth.in_flight) == (5, 4)
+
+        # Past 1,000 entries the count stops and the stream length stands in for it.
+        await queue.send([f"n{i}" for i in range(1200)])
+        depth = await queue.depth()
+        assert (depth.visible, depth.in_flight) == (9 + 1200 - 4, 4)  # XLEN - pending
+
+
 # -- credentials -----------------------------------------------------------------------------
 
 
