@@ -67,6 +67,9 @@ class AwsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class RedisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     password_env: str | None = None
+    # PEM file of the CA that signed the servers' certificates, for redis-queue://...?tls=true
+    # against a private CA (default: the system's trusted CAs).
+    ca_file: str | None = None
 
 
 class FunctionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -145,6 +148,9 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
         raise ConfigError(_explain(exc, path)) from None
     config.path = path
     base = config.base_dir
+    if config.redis.ca_file:
+        # Relative to the config file, like code_path: the daemon may run from anywhere.
+        config.redis.ca_file = str((base / config.redis.ca_file).resolve())
     names: set[str] = set()
     for index, fn in enumerate(config.functions):
         if fn.name in names:

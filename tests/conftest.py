@@ -18,6 +18,7 @@ from tests.servers import (
     RedisServer,
     ServerProcess,
     TansuServer,
+    TlsRedisServer,
 )
 
 S = TypeVar("S", bound=ServerProcess)
@@ -55,6 +56,12 @@ def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuServ
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     yield from _serve(MotoServer, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedisServer]:
+    """A redis-server that speaks only TLS; its certificate is signed by ``ca_file``."""
+    yield from _serve(TlsRedisServer, tmp_path_factory)
 
 
 @pytest.fixture

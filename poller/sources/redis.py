@@ -321,6 +321,7 @@ class RedisQueue:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        ca_file: str | None = None,
         group: str = DEFAULT_GROUP,
         visibility_timeout_s: float = 30,
         max_receive_count: int | None = None,
@@ -330,7 +331,7 @@ class RedisQueue:
         display_uri: str | None = None,
         region: str = "local",
         consumer: str | None = None,
-        password_error: str | None = None,
+        config_error: str | None = None,
         reader: bool = True,
     ) -> None:
         if not stream_key:
@@ -345,6 +346,7 @@ class RedisQueue:
         self.username = username
         self._password = password
         self.tls = tls
+        self.ca_file = ca_file
         self.group = group
         self.visibility_timeout_s = float(visibility_timeout_s)
         self.max_receive_count = max_receive_count
@@ -357,9 +359,10 @@ class RedisQueue:
         # False for a sender (`poller send`): it must not create (or retire from) a group that
         # no mapping reads.
         self.reader = reader
-        # Set when the password should come from an unset environment variable: reported by
-        # the first call, where the engine shows it, rather than while building the runner.
-        self._password_error = password_error
+        # Set when the config cannot work (a password from an unset environment variable, a
+        # missing CA file): reported by the first call, where the engine shows it, rather than
+        # while building the runner.
+        self._config_error = config_error
 
         self._shape = SqsRecordShape(EVENT_SOURCE, self.display_uri, self.region)
         self._key = stream_key.encode()
@@ -420,16 +423,24 @@ class RedisQueue:
         chosen_group = explicit_group or group or options.get("group") or DEFAULT_GROUP
         start_id = (options.get("start") or "$") if "start" in given else "$"
         password = source.password
-        password_error = None
+        config_error = None
         env_name = config.redis.password_env
         if password is None and env_name:
             password = os.environ.get(env_name)
             if password is None:
-                password_error = (
+                config_error = (
                     f"{source.display_uri}: the environment variable {env_name} (named by "
                     "[redis] password_env in the config) is not set; export it, or put the "
                     "password in the URI"
                 )
+        tls = bool(options.get("tls", False))
+        ca_file = config.redis.ca_file if tls else None
+        if ca_file is not None and not os.path.isfile(ca_file):
+            config_error = (
+                f"{source.display_uri}: [redis] ca_file {ca_file!r} is not a file; point it at "
+                "the PEM file of the CA that signed the Redis server's certificate, or remove "
+                "it to trust the system's CAs"
+            )
         return cls(
             source.stream_key or "",
             host=source.host or "127.0.0.1",
@@ -437,7 +448,8 @@ class RedisQueue:
             db=source.db or 0,
             username=source.username,
             password=password,
-            tls=bool(options.get("tls", False)),
+            tls=tls,
+            ca_file=ca_file,
             group=chosen_group,
             visibility_timeout_s=options.get("visibility_timeout", 30),
             max_receive_count=options.get("max_receive_count"),
@@ -445,15 +457,15 @@ class RedisQueue:
             start_id=start_id,
             delete_on_ack=bool(options.get("delete_on_ack", False)),
             display_uri=source.display_uri,
-            password_error=password_error,
+            config_error=config_error,
             # The factory names no group for a sender (open_queue_sender).
             reader=group is not None,
         )
 
     # -- connection --------------------------------------------------------------------------
     def _client(self) -> aioredis.Redis:
-        if self._password_error is not None:
-            raise SourceError(self._password_error, retryable=False)
+        if self._config_error is not None:
+            raise SourceError(self._config_error, retryable=False)
         if self._closed:
             raise SourceError(f"{self.display_uri}: the source is closed", retryable=False)
         if self._redis is None:
@@ -464,6 +476,7 @@ class RedisQueue:
                 username=self.username,
                 password=self._password,
                 ssl=self.tls,
+                ssl_ca_certs=self.ca_file,
                 decode_responses=False,  # bodies are bytes until we decide how to show them
                 protocol=2,  # reply shapes we parse ourselves; every server speaks it
                 socket_timeout=SOCKET_TIMEOUT_S,
@@ -500,6 +513,14 @@ class RedisQueue:
                 f"{where}: Redis refused the credentials or permissions: {text}. Check the "
                 "user/password in the URI (or [redis] password_env) and the user's ACL",
                 retryable=False,
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            # Retried all the same: the server's certificate may be replaced while we wait.
+            return SourceError(
+                f"{where}: the TLS certificate of Redis at {self.host}:{self.port} was not "
+                f"accepted: {text}. If a private CA signed it, set [redis] ca_file to that "
+                "CA's PEM file",
+                retryable=True,
             )
         if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
             return SourceError(

@@ -27,7 +27,7 @@ from poller.sources.redis import (
     EVENT_SOURCE,
     RedisQueue,
 )
-from tests.servers import RedisServer
+from tests.servers import RedisServer, TlsRedisServer
 
 KEY = "orders"
 
@@ -577,6 +577,50 @@ async def test_wrong_key_type_is_not_retryable(redis_server: RedisServer, redis_
         await queue.start()
     assert caught.value.retryable is False
     await queue.close()
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+async def test_tls_with_the_ca_file_from_the_config(tls_redis: TlsRedisServer) -> None:
+    # The hand-packed XREADGROUP/XACK go out on connections of their own: they must be TLS too.
+    config = Config(redis=RedisConfig(ca_file=str(tls_redis.ca_file)))
+    uri = _uri(tls_redis, "tls=true&start=0&visibility_timeout=1", key="tls-jobs")
+    async with _started(uri, config=config) as queue:
+        await queue.send(["a", "b", "c"])
+        got = await _receive_all(queue, 3)
+        assert sorted(m.body for m in got) == ["a", "b", "c"]
+        await queue.change_visibility(got[:1], 1)
+        await queue.delete(got)
+        depth = await queue.depth()
+        assert (depth.visible, depth.in_flight) == (0, 0)
+
+        tls_redis.restart()  # kept connections die unseen; new ones must be TLS as well
+        await queue.send(["after"])
+        assert [m.body for m in await _receive_all(queue, 1)] == ["after"]
+
+
+async def test_tls_untrusted_certificate_names_the_ca_file_setting(
+    tls_redis: TlsRedisServer,
+) -> None:
+    queue = _queue(_uri(tls_redis, "tls=true", key="tls-jobs"))
+    with pytest.raises(SourceError, match=r"TLS certificate .* \[redis\] ca_file") as caught:
+        await queue.start()
+    assert caught.value.retryable is True  # the server's certificate may yet be replaced
+    await queue.close()
+
+
+async def test_tls_missing_ca_file_is_reported_before_connecting(
+    tls_redis: TlsRedisServer, tmp_path: Path
+) -> None:
+    config = Config(redis=RedisConfig(ca_file=str(tmp_path / "nope.pem")))
+    queue = _queue(_uri(tls_redis, "tls=true", key="tls-jobs"), config=config)
+    with pytest.raises(SourceError, match=r"ca_file .*nope\.pem.* is not a file") as caught:
+        await queue.start()
+    assert caught.value.retryable is False
+    await queue.close()
+    # Without tls=true the CA file is not used, so it cannot be in the way.
+    assert _queue(_uri(tls_redis, key="tls-jobs"), config=config).ca_file is None
 
 
 # -- outages ---------------------------------------------------------------------------------

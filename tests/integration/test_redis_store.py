@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from poller.state.base import StateError, open_store
 from poller.state.redis import RedisStore, redact_url
-from tests.servers import free_port
+from tests.servers import TlsRedisServer, free_port
 
 
 @asynccontextmanager
@@ -36,6 +36,15 @@ async def test_open_store_picks_redis(redis_url: str) -> None:
         assert await store.ping() is True
     finally:
         await store.close()
+
+
+async def test_tls_url_with_the_ca_in_the_query(tls_redis: TlsRedisServer) -> None:
+    # rediss:// plus redis-py's ssl_ca_certs option: a store on a TLS-only server.
+    url = f"{tls_redis.url}?ssl_ca_certs={tls_redis.ca_file}"
+    async with _store(url, prefix="tls-test:") as store:
+        await store.put_mapping(_mapping("t"))
+        assert await store.get_mapping("t") == _mapping("t")
+        assert await store.delete_mapping("t") is True
 
 
 async def test_registry_crud_and_revision(redis_url: str) -> None:

@@ -39,6 +39,14 @@ def test_relative_code_path_is_resolved_against_the_config_file(tmp_path: Path) 
     assert config.functions[0].code_path == str(tmp_path / "src")
 
 
+def test_relative_redis_ca_file_is_resolved_against_the_config_file(tmp_path: Path) -> None:
+    config = parse_config({"redis": {"ca_file": "certs/ca.pem"}}, str(tmp_path / "c.toml"))
+    assert config.redis.ca_file == str(tmp_path / "certs" / "ca.pem")
+    absolute = parse_config({"redis": {"ca_file": "/etc/ca.pem"}}, str(tmp_path / "c.toml"))
+    assert absolute.redis.ca_file == "/etc/ca.pem"
+    assert parse_config({}, str(tmp_path / "c.toml")).redis.ca_file is None
+
+
 @pytest.mark.parametrize(
     ("data", "needles"),
     [
