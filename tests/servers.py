@@ -480,10 +480,8 @@ class MotoServer(ServerProcess):
         # The server extra (flask, flask-cors) is what `moto` alone lacks.
         if any(importlib.util.find_spec(mod) is None for mod in ("moto", "flask", "flask_cors")):
             raise MissingBinaryError(cls.INSTALL_HINT)
-        script = Path(sys.executable).parent / "moto_server"
-        if script.is_file() and os.access(script, os.X_OK):
-            return [str(script)]
-        return [sys.executable, "-m", "moto.server"]
+        # moto's own server, with SQS receives made atomic (see the script's docstring).
+        return [sys.executable, str(Path(__file__).with_name("moto_server_atomic.py"))]
 
     @property
     def url(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import uuid
@@ -66,6 +67,30 @@ async def test_sqs_round_trip_against_moto(aws_env: AwsEnv) -> None:
             QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
         )
         assert [m["Body"] for m in resp["Messages"]] == ["hello"]
+
+
+async def test_moto_long_poll_waits_without_holding_up_others(aws_env: AwsEnv) -> None:
+    # The fixture's launcher (tests/moto_server_atomic.py) re-implements moto's long poll
+    # around a lock: a waiting receive must neither block others nor miss a new message.
+    async with get_session().create_client("sqs", **aws_env.client_kwargs()) as sqs:
+        empty = (await sqs.create_queue(QueueName="empty"))["QueueUrl"]
+        busy = (await sqs.create_queue(QueueName="busy"))["QueueUrl"]
+        waiting = asyncio.create_task(
+            sqs.receive_message(QueueUrl=empty, WaitTimeSeconds=10)
+        )
+        await asyncio.sleep(0.3)
+        # Another receive meanwhile is answered at once, not after the long poll.
+        await sqs.send_message(QueueUrl=busy, MessageBody="now")
+        started = time.monotonic()
+        got = await sqs.receive_message(QueueUrl=busy, WaitTimeSeconds=10)
+        assert [m["Body"] for m in got["Messages"]] == ["now"]
+        assert time.monotonic() - started < 2
+        # The long poll returns soon after a message arrives, not when its wait ends.
+        await sqs.send_message(QueueUrl=empty, MessageBody="late")
+        started = time.monotonic()
+        got = await waiting
+        assert [m["Body"] for m in got["Messages"]] == ["late"]
+        assert time.monotonic() - started < 2
 
 
 async def test_aws_env_vars_reach_clients_without_explicit_endpoint(aws_env: AwsEnv) -> None:
