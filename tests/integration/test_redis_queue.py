@@ -27,7 +27,8 @@ from poller.sources.redis import (
     EVENT_SOURCE,
     RedisQueue,
 )
-from tests.servers import RedisServer, TlsRedisServer
+from tests.daemon_helpers import DaemonProcess, cli, wait_for
+from tests.servers import RedisServer, TlsRedisServer, free_port
 
 KEY = "orders"
 
@@ -713,26 +714,11 @@ def handle(event, context):
 '''
 
 
-def _wait_until(condition: Any, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.timeout(120)
 def test_daemon_end_to_end(redis_server: RedisServer, redis_url: str, tmp_path: Path) -> None:
     """`poller run` with a redis-queue mapping: every entry handled once, the poison entry
     dead-lettered after max_receive_count deliveries, `poller send` on the same URI."""
-    import subprocess
-    import sys
-    import urllib.request
-
     import redis
-
-    from tests.servers import free_port
 
     http_port = free_port()
     out = tmp_path / "handled.txt"
@@ -743,49 +729,31 @@ def test_daemon_end_to_end(redis_server: RedisServer, redis_url: str, tmp_path: 
         '[[functions]]\nname = "handle"\nhandler = "e2e_redis_handler.handle"\n'
         f'timeout_s = 10\nenvironment = {{ OUT = "{out}" }}\n'
     )
-    poller = [sys.executable, "-m", "poller.cli"]
-
-    def cli(*args: str) -> str:
-        result = subprocess.run([*poller, *args, "--config", str(config)], capture_output=True,
-                                text=True, timeout=60, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr + result.stdout
-        return result.stdout
-
-    def ready() -> bool:
-        try:
-            url = f"http://127.0.0.1:{http_port}/readyz"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
     uri = _uri(redis_server, "visibility_timeout=1&max_receive_count=2&dead_letter=jobs-dlq",
                key="jobs")
     admin = redis.Redis(host=redis_server.host, port=redis_server.port)
-    log = (tmp_path / "daemon.log").open("ab")
-    daemon = subprocess.Popen([*poller, "run", "--config", str(config)], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=tmp_path)
+    daemon = DaemonProcess(config, http_port)
     try:
-        _wait_until(ready, 30, "the daemon to be ready")
+        daemon.start()  # returns once /readyz answers 200
         created = json.loads(cli(
-            "mappings", "create", "--function-name", "handle", "--event-source-arn", uri,
+            config, "mappings", "create", "--function-name", "handle", "--event-source-arn", uri,
             "--batch-size", "10", "--function-response-types", "ReportBatchItemFailures",
-        ))
+        ).stdout)
         # The runner creates the group (named after the mapping) at $: wait for it.
-        _wait_until(
+        wait_for(
             lambda: admin.exists("jobs")
             and any(g["name"].decode() == created["UUID"] for g in admin.xinfo_groups("jobs")),
             15, "the consumer group",
         )
         bodies = [f"msg-{i}" for i in range(300)]
         (tmp_path / "bodies.txt").write_text("\n".join([*bodies, "poison"]) + "\n")
-        cli("send", _uri(redis_server, key="jobs"), "--file", str(tmp_path / "bodies.txt"))
+        cli(config, "send", _uri(redis_server, key="jobs"), "--file", str(tmp_path / "bodies.txt"))
 
         def lines() -> list[str]:
             return out.read_text().splitlines() if out.exists() else []
 
-        _wait_until(lambda: len(lines()) >= len(bodies), 30, "every entry handled")
-        _wait_until(lambda: admin.xlen("jobs-dlq") == 1, 15, "the poison entry dead-lettered")
+        wait_for(lambda: len(lines()) >= len(bodies), 30, "every entry handled")
+        wait_for(lambda: admin.xlen("jobs-dlq") == 1, 15, "the poison entry dead-lettered")
         assert sorted(lines()) == sorted(bodies)  # each exactly once
         [(_, fields)] = admin.xrange("jobs-dlq")
         assert fields[b"body"] == b"poison"
@@ -794,12 +762,6 @@ def test_daemon_end_to_end(redis_server: RedisServer, redis_url: str, tmp_path: 
         # Only the mapping's group: `poller send` created none.
         assert [g["name"].decode() for g in admin.xinfo_groups("jobs")] == [created["UUID"]]
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        log.close()
+        returncode = daemon.stop(timeout=30) if daemon.proc is not None else None
         admin.close()
-    assert daemon.returncode == 0
+    assert returncode == 0

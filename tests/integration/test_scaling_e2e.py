@@ -14,13 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -46,9 +42,9 @@ from poller.runtime.pool import Runtime
 from poller.sources.base import Depth, Message
 from poller.sources.local import LocalQueue
 from poller.state.sqlite import SqliteStore
+from tests.daemon_helpers import DaemonProcess, cli
 from tests.servers import free_port
 
-POLLER = [sys.executable, "-m", "poller.cli"]
 MESSAGES = 5000
 BOUND = 10  # ScalingConfig.MaximumConcurrency
 BATCH = 10
@@ -111,26 +107,12 @@ class Sample:
     in_flight: float  # poller_queue_in_flight_messages
 
 
-class Daemon:
-    def __init__(self, config: Path, port: int) -> None:
-        self.port = port
-        self.log_path = config.parent / "daemon.log"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*POLLER, "run", "--config", str(config)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=config.parent,
-        )
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+class Daemon(DaemonProcess):
+    """`poller run` whose sleeper function's metrics can be sampled."""
 
     def metrics(self) -> dict[str, float]:
         """The sleeper function's series, by metric name (one mapping: labels are not needed)."""
-        status, text = self.get("/metrics")
+        status, text = self.http("/metrics")
         assert status == 200, text
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
@@ -149,23 +131,6 @@ class Daemon:
             m.get("poller_queue_visible_messages", 0.0),
             m.get("poller_queue_in_flight_messages", 0.0),
         )
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def close(self) -> None:
-        self._log.close()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._log.close()
 
 
 class Scraper(threading.Thread):
@@ -198,7 +163,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, daemon: Da
     """Poll ``condition`` every 20 ms; return the time it became true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if daemon.proc.poll() is not None:
+        if daemon.proc is None or daemon.proc.poll() is not None:
             raise AssertionError(
                 f"daemon exited while waiting for {what}:\n{daemon.logs()[-3000:]}"
             )
@@ -212,23 +177,14 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, daemon: Da
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     port = free_port()
     running = Daemon(write_config(tmp_path, port), port)
+    running.start()  # returns once /readyz answers 200
     try:
         yield running
     finally:
-        if running.proc.poll() is None:
-            running.proc.kill()
-            running.proc.wait()
-        running.close()
+        running.stop(signal.SIGKILL)  # a no-op but for the log file when the test stopped it
 
 
 def test_burst_scales_to_bound_drains_and_falls_back(tmp_path: Path, daemon: Daemon) -> None:
-    def ready() -> bool:
-        try:
-            return daemon.get("/readyz")[0] == 200
-        except OSError:
-            return False
-
-    wait_for(ready, 30, "the daemon to be ready", daemon)
     # Idle first: the controller starts at 5 and steps down to the idle minimum on an empty
     # queue, so the burst below is a step from idle.
     wait_for(lambda: daemon.sample().target == IDLE_MINIMUM, 15, "the idle minimum", daemon)
@@ -239,12 +195,8 @@ def test_burst_scales_to_bound_drains_and_falls_back(tmp_path: Path, daemon: Dae
         bodies = [f"m-{i}" for i in range(MESSAGES)]
         (tmp_path / "bodies.txt").write_text("\n".join(bodies) + "\n")
         sent_at = time.monotonic()
-        result = subprocess.run(
-            [*POLLER, "send", "local://burst", "--file", str(tmp_path / "bodies.txt"),
-             "--config", str(tmp_path / "config.toml")],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        )
-        assert result.returncode == 0, result.stderr + result.stdout
+        cli(tmp_path / "config.toml", "send", "local://burst", "--file",
+            str(tmp_path / "bodies.txt"))
 
         def latest() -> Sample:
             return scraper.latest() or Sample(0, 0, 0, 0, 0, 0)
