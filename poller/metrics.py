@@ -65,8 +65,9 @@ deleted_events = Counter(
 )
 dropped_events = Counter(
     "poller_dropped_events_total",
-    "Events dropped after exceeding retry or age limits (DroppedEventCount).", _M,
-    registry=REGISTRY,
+    "Events given up on without an on-failure destination, by reason: RetryAttemptsExhausted, "
+    "RecordAgeExceeded, MaximumPayloadSizeExceeded (DroppedEventCount).",
+    (*_M, "reason"), registry=REGISTRY,
 )
 dead_lettered_events = Counter(
     "poller_dead_lettered_events_total",
@@ -136,6 +137,93 @@ memory_used = Gauge(
     "Memory counted against the daemon budget by live environments.", registry=REGISTRY,
 )
 
+# -- functions ---------------------------------------------------------------------------------
+cold_starts = Counter(
+    "poller_cold_starts_total",
+    "Invokes that started a new execution environment (they report an Init Duration).",
+    ("function",), registry=REGISTRY,
+)
+init_duration = Histogram(
+    "poller_init_duration_seconds",
+    "Init phase of a new execution environment: spawn, import, module code (Init Duration).",
+    ("function",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+
+# -- mapping health ----------------------------------------------------------------------------
+mapping_problem = Gauge(
+    "poller_mapping_problem",
+    "1 while the mapping's last result is a PROBLEM (source unreachable, function cannot start, "
+    "destination down); `poller status` says why.",
+    _M, registry=REGISTRY,
+)
+daemon_ready = Gauge(
+    "poller_daemon_ready", "1 while /readyz answers ready.", registry=REGISTRY,
+)
+
+# -- ordered sources (streams, Kafka) ----------------------------------------------------------
+iterator_age = Gauge(
+    "poller_iterator_age_seconds",
+    "Age of the last record of the batch just invoked, per shard (IteratorAge).",
+    (*_M, "shard"), registry=REGISTRY,
+)
+iterator_age_max = Gauge(
+    "poller_iterator_age_max_seconds",
+    "The largest iterator age over the mapping's shards.", _M, registry=REGISTRY,
+)
+millis_behind_latest = Gauge(
+    "poller_millis_behind_latest",
+    "How far a Kinesis shard's reader is behind the tip of the shard (MillisBehindLatest).",
+    (*_M, "shard"), registry=REGISTRY,
+)
+checkpoints = Counter(
+    "poller_checkpoints_total", "Checkpoints written (or offsets committed).", _M,
+    registry=REGISTRY,
+)
+on_failure_delivered = Counter(
+    "poller_on_failure_destination_delivered_events_total",
+    "Records sent to the on-failure destination (OnFailureDestinationDeliveredEventCount).",
+    (*_M, "reason"), registry=REGISTRY,
+)
+destination_failures = Counter(
+    "poller_destination_delivery_failures_total",
+    "Failed sends to the on-failure destination; the shard waits and retries "
+    "(DestinationDeliveryFailures).",
+    _M, registry=REGISTRY,
+)
+batches_bisected = Counter(
+    "poller_batches_bisected_total",
+    "Failing batches split in two (BisectBatchOnFunctionError).", _M, registry=REGISTRY,
+)
+records_expired = Counter(
+    "poller_records_lost_to_retention_total",
+    "Records the source trimmed before the mapping read them (its checkpoint fell behind "
+    "the oldest record still kept).",
+    _M, registry=REGISTRY,
+)
+kafka_offset_lag = Gauge(
+    "poller_kafka_offset_lag",
+    "Log end offset minus committed offset, per partition (OffsetLag).",
+    (*_M, "partition"), registry=REGISTRY,
+)
+kafka_offset_lag_sum = Gauge(
+    "poller_kafka_offset_lag_sum", "Offset lag summed over the mapping's partitions "
+    "(SumOffsetLag).", _M, registry=REGISTRY,
+)
+kafka_offset_lag_max = Gauge(
+    "poller_kafka_offset_lag_max", "The largest offset lag over the mapping's partitions "
+    "(MaxOffsetLag).", _M, registry=REGISTRY,
+)
+kafka_rebalances = Counter(
+    "poller_kafka_rebalances_total", "Partition assignments and revocations received.", _M,
+    registry=REGISTRY,
+)
+leases_held = Gauge(
+    "poller_leases_held", "Shard leases this daemon holds (fleet mode).", _M,
+    registry=REGISTRY,
+)
+
 
 class MappingMetrics:
     """The label children of one mapping, resolved once: label lookups are off the hot path.
@@ -159,7 +247,6 @@ class MappingMetrics:
         "dead_lettered",
         "deleted",
         "deleted_count",
-        "dropped",
         "duration",
         "errors",
         "failed_invoke",
@@ -188,7 +275,6 @@ class MappingMetrics:
         self.invoked = invoked_events.labels(*labels)
         self.failed_invoke = failed_invoke_events.labels(*labels)
         self.deleted = deleted_events.labels(*labels)
-        self.dropped = dropped_events.labels(*labels)
         self.dead_lettered = dead_lettered_events.labels(*labels)
         self.errors = invoke_errors.labels(*labels)
         self.throttles = throttles.labels(*labels)
