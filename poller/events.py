@@ -26,6 +26,10 @@ def md5_hex(text: str) -> str:
 
 
 DEFAULT_SENDER_ID = "AIDAPOLLERLOCAL"
+# Every queue source's records say "aws:sqs", whatever queue is behind them, so handlers and
+# libraries that check it (routing code, strict event models) run unchanged; the real origin
+# is in eventSourceARN.
+SQS_EVENT_SOURCE = "aws:sqs"
 
 
 class SqsRecordShape:

@@ -1,12 +1,29 @@
-"""What the engine needs from a source. Sources do I/O only: they never decide to retry, split,
-drop or dead-letter; the engine calls these methods when it has decided."""
+"""What the engine needs from a source, and what every source module declares about itself.
+
+Sources do I/O only: they never decide to retry, split, drop or dead-letter; the engine calls
+these methods when it has decided. A source module (one per service, listed in
+``poller/sources/__init__.py``) declares a ``SOURCE``: a ``SourceKind`` that says which URIs it
+takes, how it parses them into its own small spec, which family of delivery contract it
+follows, and how to open the adapter the engine drives and the sender `poller send` uses.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+import enum
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import parse_qsl
 
 import msgspec
+
+from poller.redaction import redact
+
+if TYPE_CHECKING:
+    from poller.config import Config
+    from poller.logs import JsonLog
+    from poller.state.base import StateStore
 
 _encode_json = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder().decode
@@ -93,7 +110,7 @@ class QueueSource(Protocol):
     """A queue (SQS-like) the engine polls. One instance per mapping runner."""
 
     # True where the service moves messages to a dead-letter queue itself (SQS redrive policy);
-    # the engine then never calls dead_letter().
+    # False for a DeadLetterQueue, whose dead_letter() the engine calls.
     native_redrive: bool
     # Seconds a received message stays hidden; known after start().
     visibility_timeout_s: float
@@ -117,15 +134,19 @@ class QueueSource(Protocol):
     async def change_visibility(self, messages: list[Message], timeout_s: float) -> None:
         """Hide the messages for timeout_s more seconds from now (the heartbeat)."""
 
-    async def dead_letter(self, messages: list[Message], reason: str) -> None:
-        """Move the messages to the dead-letter target with the reason, atomically per message:
-        a crash part-way must neither lose nor duplicate one."""
-
     async def depth(self) -> Depth:
         """Visible and in-flight counts, for scaling and metrics."""
 
     async def close(self) -> None:
         """Release connections. Unsettled messages simply reappear after their visibility."""
+
+
+class DeadLetterQueue(QueueSource, Protocol):
+    """A queue without native redrive: the engine moves poison messages itself."""
+
+    async def dead_letter(self, messages: list[Message], reason: str) -> None:
+        """Move the messages to the dead-letter target with the reason, atomically per message:
+        a crash part-way must neither lose nor duplicate one."""
 
 
 class QueueSender(Protocol):
@@ -144,3 +165,181 @@ class QueueSender(Protocol):
         attributes: dict[str, str] | None = None,
     ) -> int:
         """Enqueue the bodies (in service-sized chunks); returns how many were accepted."""
+
+
+# -- source kinds --------------------------------------------------------------------------------
+
+
+class Family(enum.StrEnum):
+    """The delivery contract a source follows, which decides the mapping parameters it takes
+    and the engine that runs it."""
+
+    QUEUE = "queue"  # SQS's: visibility timeout, delete on success, dead-lettering
+    STREAM = "stream"  # Kinesis's: shards read in order, checkpoints in the state store
+    KAFKA = "kafka"  # partitions read in order, offsets committed to the consumer group
+
+
+STARTING_POSITIONS: Final = ("LATEST", "AT_TIMESTAMP", "TRIM_HORIZON")  # AWS's message order
+
+
+@dataclass(frozen=True, slots=True)
+class AwsDefaults:
+    """What an AWS URI may leave out (``sqs://NAME`` names neither region nor account)."""
+
+    region: str = "us-east-1"
+    account: str = "000000000000"
+
+
+class SourceUriError(ValueError):
+    """A URI of a known kind that is malformed; the message says what and shows the URI
+    redacted."""
+
+
+def uri_error(uri: str, what: str) -> SourceUriError:
+    return SourceUriError(f"{what} in event source {redact(uri)!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    """A parsed event source. Each source module subclasses it with the fields of its service.
+
+    ``uri`` is the URI as given and may hold a password: never show it; ``display_uri`` is
+    safe to show and is what events carry as ``eventSourceARN``.
+    """
+
+    uri: str = field(repr=False)
+    display_uri: str
+
+    @property
+    def kind(self) -> SourceKind:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The resource's own short name (queue, stream key, stream, table, topic)."""
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """What makes two URIs the same resource, for duplicate-mapping detection."""
+        raise NotImplementedError
+
+    @property
+    def fifo(self) -> bool:
+        return False
+
+    @property
+    def has_credentials(self) -> bool:
+        """True when the URI itself holds a password (stored in the registry as given)."""
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class SourceContext:
+    """What opening an adapter or a sender may need besides the spec."""
+
+    config: Config
+    store: StateStore
+    log: JsonLog
+    # The mapping the adapter serves (a default consumer group is named after it); None for a
+    # sender, which must not create anything only a reader needs.
+    mapping_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of event source, as its module declares it (``SOURCE``)."""
+
+    name: str  # "sqs", "redis-queue", ...: how messages and the README name it
+    family: Family
+    forms: tuple[str, ...]  # the URI and ARN forms it accepts, for --help and errors
+    parse: Callable[[str, AwsDefaults], SourceSpec]
+    # The adapter the engine drives (None: this version has no runner for the kind, and
+    # creating a mapping on it is refused).
+    open: Callable[[Any, SourceContext], Any] | None = None
+    open_sender: Callable[[Any, SourceContext], Any] | None = None
+    # StartingPosition values the service supports (ordered families only).
+    starting_positions: tuple[str, ...] = STARTING_POSITIONS
+    # On-failure destinations must be standard (not FIFO) queues (DynamoDB Streams).
+    standard_destinations_only: bool = False
+    # How AWS's duplicate-mapping message names the source ("SQS arn").
+    label: str = ""
+
+    @property
+    def runnable(self) -> bool:
+        return self.open is not None
+
+
+# -- query options -------------------------------------------------------------------------------
+
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+
+
+@dataclass(frozen=True)
+class SourceOption:
+    """One ``?option=value`` of a source URI, with its type, default and range."""
+
+    name: str
+    type_name: str  # "str", "int", "bool" or "choice"
+    default: Any
+    help: str
+    minimum: int | None = None
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+
+
+def options_table(*options: SourceOption) -> Mapping[str, SourceOption]:
+    return {o.name: o for o in options}
+
+
+def parse_options(
+    uri: str, query: str, table: Mapping[str, SourceOption], label: str
+) -> dict[str, Any]:
+    """Every option of ``table``: the query's values, checked, and the defaults for the rest."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise uri_error(uri, f"Invalid query string {query!r}") from None
+    options: dict[str, Any] = {name: o.default for name, o in table.items()}
+    seen: set[str] = set()
+    for key, raw in pairs:
+        option = table.get(key)
+        if option is None:
+            raise uri_error(uri, f"Unknown {label} option {key!r} (valid: {', '.join(table)})")
+        if key in seen:
+            raise uri_error(uri, f"Option {key!r} given twice")
+        seen.add(key)
+        options[key] = _option_value(uri, option, raw)
+    return options
+
+
+def _option_value(uri: str, option: SourceOption, raw: str) -> Any:
+    if option.type_name == "int":
+        if not re.fullmatch(r"\d+", raw):
+            raise uri_error(uri, f"Option {option.name}={raw!r} must be a whole number")
+        value = int(raw)
+        if (option.minimum is not None and value < option.minimum) or (
+            option.maximum is not None and value > option.maximum
+        ):
+            raise uri_error(
+                uri,
+                f"Option {option.name}={value} is out of range "
+                f"({option.minimum}..{option.maximum})",
+            )
+        return value
+    if option.type_name == "bool":
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise uri_error(uri, f"Option {option.name}={raw!r} must be true or false")
+    if option.type_name == "choice":
+        if raw not in option.choices:
+            raise uri_error(
+                uri, f"Option {option.name}={raw!r} must be one of {', '.join(option.choices)}"
+            )
+        return raw
+    if not raw:
+        raise uri_error(uri, f"Option {option.name} must not be empty")
+    return raw

@@ -23,7 +23,6 @@ URLs are redis-py's: ``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``, ``rediss://
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -34,12 +33,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from poller.redaction import redact
 from poller.state.base import StateError
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
 
-__all__ = ["RedisStore", "redact_url"]
+__all__ = ["RedisStore"]
 
 T = TypeVar("T")
 
@@ -70,21 +70,6 @@ return 1
 """
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, for messages people read."""
-    # Up to the last '@' of the authority: an unencoded '@' in a password must not leak.
-    return re.sub(
-        r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*@)",
-        lambda m: m.group(1) + _redact_userinfo(m.group(2)),
-        url,
-    )
-
-
-def _redact_userinfo(userinfo: str) -> str:
-    user, sep, _password = userinfo[:-1].partition(":")
-    return f"{user}:***@" if sep else "***@" if user else "@"
-
-
 class RedisStore:
     """StateStore on a Redis server (see the module docstring for the keys)."""
 
@@ -106,7 +91,7 @@ class RedisStore:
     @property
     def where(self) -> str:
         """The URL without its password, for messages people read."""
-        return redact_url(self.url)
+        return redact(self.url)
 
     def _status_key(self, uuid: str) -> str:
         return f"{self.key_prefix}status:{uuid}"

@@ -20,13 +20,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from poller.config import Config, FunctionConfig
+from poller.config import FunctionConfig
 from poller.engine.queue import ConcurrencyPolicy, QueueRunner, QueueSettings
 from poller.logs import JsonLog
-from poller.mappings import parse_event_source
 from poller.metrics import REGISTRY, MappingMetrics
 from poller.runtime.pool import Runtime
-from poller.sources.redis import RedisQueue
+from tests.integration.test_redis_queue import _queue
 from tests.servers import RedisServer
 
 KEY = "jobs"
@@ -71,7 +70,7 @@ def _handled(tmp_path: Path) -> list[str]:
 
 def _runner(uri: str, runtime: Runtime, log: JsonLog, *, batch_size: int,
             concurrency: int) -> QueueRunner:
-    source = RedisQueue.from_source(parse_event_source(uri), Config(), group=GROUP)
+    source = _queue(uri, group=GROUP)
     settings = QueueSettings(
         uuid=str(uuid.uuid4()), function_name="f", batch_size=batch_size,
         batching_window_s=0.0, report_batch_item_failures=False,

@@ -19,14 +19,12 @@ import redis.asyncio as aioredis
 
 from poller.config import Config, RedisConfig
 from poller.events import sqs_record
+from poller.logs import JsonLog
 from poller.mappings import parse_event_source
-from poller.sources import open_queue_sender
-from poller.sources.base import Message, SourceError
-from poller.sources.redis import (
-    BODY_ENCODING_ATTRIBUTE,
-    EVENT_SOURCE,
-    RedisQueue,
-)
+from poller.sources import redis_queue
+from poller.sources.base import Message, SourceContext, SourceError
+from poller.sources.redis_queue.queue import RedisQueue
+from poller.sources.redis_queue.records import BODY_ENCODING_ATTRIBUTE
 from tests.daemon_helpers import DaemonProcess, cli, wait_for
 from tests.servers import RedisServer, TlsRedisServer, free_port
 
@@ -42,7 +40,11 @@ def _uri(server: RedisServer, query: str = "", key: str = KEY, auth: str = "") -
 def _queue(
     uri: str, *, group: str | None = "mapping-uuid", config: Config | None = None
 ) -> RedisQueue:
-    return RedisQueue.from_source(parse_event_source(uri), config or Config(), group=group)
+    """The queue a mapping with UUID ``group`` reads (group None: a sender's)."""
+    context = SourceContext(
+        config=config or Config(), store=None, log=JsonLog(), mapping_uuid=group  # type: ignore[arg-type]
+    )
+    return redis_queue.open_queue(parse_event_source(uri), context)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -148,7 +150,7 @@ async def test_send_via_factory_and_record_shape(
     redis_server: RedisServer, redis_url: str
 ) -> None:
     uri = _uri(redis_server, "visibility_timeout=1", auth="")
-    sender = open_queue_sender(uri, Config(), store=None)  # type: ignore[arg-type]
+    sender = _queue(uri, group=None)
     assert isinstance(sender, RedisQueue)
     async with _started(uri) as queue:
         # start=$ by default: only what is sent after the group exists.
@@ -169,7 +171,8 @@ async def test_send_via_factory_and_record_shape(
     assert record["messageId"] == message.id == message.receipt == record["receiptHandle"]
     assert record["body"] == "hello"
     assert record["md5OfBody"] == hashlib.md5(b"hello").hexdigest()
-    assert record["eventSource"] == EVENT_SOURCE == "poller:redis-queue"
+    # Lambda's value for SQS-shaped records, whatever queue is behind them.
+    assert record["eventSource"] == "aws:sqs"
     assert record["eventSourceARN"] == uri
     assert record["awsRegion"] == "local"
     assert record["messageAttributes"] == {
@@ -195,7 +198,7 @@ async def test_plain_entries_encode_exactly_as_the_reference_record(
     uri = _uri(redis_server, "visibility_timeout=5", auth="")
     bodies = ["plain", 'quote " and \\ back', "ünïcode ☃ 🎉", "ctrl \x01\n\t\x7f", "%s %b %%", ""]
     async with _started(uri) as queue:
-        sender = open_queue_sender(uri, Config(), store=None)  # type: ignore[arg-type]
+        sender = _queue(uri, group=None)
         assert await sender.send(bodies) == len(bodies)
         await sender.close()
         messages = await _receive_all(queue, len(bodies))
@@ -206,7 +209,7 @@ async def test_plain_entries_encode_exactly_as_the_reference_record(
         reference = sqs_record(
             message_id=message.id, receipt_handle=message.id, body=message.body,
             receive_count=1, sent_ms=int(message.id.split("-")[0]),
-            first_receive_ms=int(first_receive), event_source=EVENT_SOURCE,
+            first_receive_ms=int(first_receive), event_source="aws:sqs",
             event_source_arn=uri, region="local",
         )
         assert message.encoded == msgspec.json.encode(reference), message.body
@@ -621,7 +624,7 @@ async def test_tls_missing_ca_file_is_reported_before_connecting(
     assert caught.value.retryable is False
     await queue.close()
     # Without tls=true the CA file is not used, so it cannot be in the way.
-    assert _queue(_uri(tls_redis, key="tls-jobs"), config=config).ca_file is None
+    assert _queue(_uri(tls_redis, key="tls-jobs"), config=config)._link._login.ca_file is None
 
 
 # -- outages ---------------------------------------------------------------------------------
@@ -661,7 +664,7 @@ async def test_kept_connections_dead_after_a_restart_are_replaced_without_an_err
     async with _started(_uri(redis_server, "visibility_timeout=1")) as queue:
         await queue.send(["before"])
         assert [m.body for m in await _receive_all(queue, 1)] == ["before"]
-        assert queue._raw_idle  # the read's connection is kept for the next one
+        assert queue._link._raw_idle  # the read's connection is kept for the next one
 
         redis_server.kill()
         redis_server.restart()  # nothing called in between: the kept socket is dead unseen

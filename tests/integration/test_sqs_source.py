@@ -16,7 +16,8 @@ from aiohttp import web
 
 from poller.events import encode_record, md5_hex
 from poller.sources.base import Depth, Message, SourceError
-from poller.sources.sqs import NON_EXISTENT_QUEUE_MESSAGE, SqsQueue
+from poller.sources.sqs.queue import SqsQueue
+from poller.sources.sqs.wire import NON_EXISTENT_QUEUE_MESSAGE
 from tests.conftest import AwsEnv
 from tests.servers import free_port
 
@@ -509,43 +510,6 @@ async def test_native_redrive_moves_message_to_dlq(_moto_endpoint: str) -> None:
             assert await queue.depth() == Depth(visible=0, in_flight=0)
         moved = await admin.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=10)
         assert [m["Body"] for m in moved["Messages"]] == ["poison"]
-
-
-async def test_explicit_dead_letter_sends_to_redrive_target_and_deletes(
-    _moto_endpoint: str,
-) -> None:
-    name, dlq_name = _name(), _name("dlq")
-    async with _admin(_moto_endpoint) as admin:
-        dlq_url, dlq_arn = await _make_queue(admin, dlq_name)
-        policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 5})
-        _url, arn = await _make_queue(admin, name, RedrivePolicy=policy)
-        async with _source(_moto_endpoint, name, arn) as queue:
-            await queue.send(["bad", "worse"], attributes={"origin": "test"})
-            got = await _receive_all(queue, 2)
-            await queue.dead_letter(got, "handler kept failing")
-            assert await queue.depth() == Depth(visible=0, in_flight=0)
-        moved = await admin.receive_message(
-            QueueUrl=dlq_url, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
-        )
-        messages = moved["Messages"]
-        assert sorted(m["Body"] for m in messages) == ["bad", "worse"]
-        for message in messages:
-            attrs = message["MessageAttributes"]
-            assert attrs["origin"]["StringValue"] == "test"
-            assert attrs["DeadLetterReason"]["StringValue"] == "handler kept failing"
-
-
-async def test_dead_letter_without_redrive_policy_raises(_moto_endpoint: str) -> None:
-    name = _name()
-    async with _admin(_moto_endpoint) as admin:
-        _url, arn = await _make_queue(admin, name)
-    async with _source(_moto_endpoint, name, arn) as queue:
-        await queue.send(["x"])
-        got = await queue.receive(10, 0)
-        with pytest.raises(SourceError, match="no redrive policy") as info:
-            await queue.dead_letter(got, "why")
-        assert info.value.retryable is False
-        await queue.dead_letter([], "nothing")  # no messages: nothing to check
 
 
 # -- settings changes and failures after start ----------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from poller.events import md5_hex, md5_of_message_attributes, string_attribute
 from poller.sources.base import Message, SourceError
-from poller.sources.local import LocalQueue
+from poller.sources.local.queue import LocalQueue
 from poller.state.sqlite import SqliteStore
 
 
@@ -373,7 +373,7 @@ async def test_record_shape(store: SqliteStore, clock: Clock) -> None:
     assert record["messageAttributes"] == {}
     assert record["md5OfBody"] == "e4e68fb7bd0e697a0ae8f1bb342846b3"  # the §7.1 example's
     assert record["md5OfBody"] == md5_hex("Test message.")
-    assert record["eventSource"] == "poller:local"
+    assert record["eventSource"] == "aws:sqs"
     assert record["eventSourceARN"] == "local://orders"
     assert record["awsRegion"] == "eu-west-1"
     assert message.encoded == msgspec.json.encode(record)
