@@ -185,7 +185,36 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
             f"{path}: invalid value for 'daemon.log_level': {config.daemon.log_level!r}; "
             "expected debug, info, warning or error"
         )
+    _check_mappings(config.mappings, path)
     return config
+
+
+def _check_mappings(entries: list[dict[str, Any]], path: str) -> None:
+    """Every [[mappings]] entry as `poller mappings create` would check it, so a bad one stops
+    the daemon here, naming its key, before anything starts."""
+    from poller.engine.filter_compiler import compile_filter_criteria
+    from poller.mappings import (
+        PARAMETERS_BY_AWS_NAME,
+        MappingError,
+        check_runnable,
+        create_mapping,
+    )
+
+    for index, entry in enumerate(entries):
+        where = f"mappings[{index}]"
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(
+                f"{path}: {where}.name: every [[mappings]] entry needs a stable name, so restarts "
+                "update it instead of creating a duplicate"
+            )
+        try:
+            check_runnable(create_mapping(entry, validate_filters=compile_filter_criteria))
+        except MappingError as exc:
+            parameter = PARAMETERS_BY_AWS_NAME.get(exc.parameter or "")
+            key = parameter.snake_name if parameter is not None else exc.parameter
+            where = f"{where}.{key}" if key else where
+            raise ConfigError(f"{path}: {where}: {exc}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from typing import Any
 
-from poller.engine.filtering import compile_filter_criteria
-from poller.mappings import Mapping, MappingError, create_mapping, duplicate_error, update_mapping
+from poller.mappings import (
+    Mapping,
+    MappingError,
+    check_runnable,
+    create_mapping,
+    duplicate_error,
+    update_mapping,
+)
 from poller.state.base import StateStore
 
-# FilterError is a ValueError, which create_mapping turns into AWS's filter message.
-validate_filters = compile_filter_criteria
+FilterValidator = Callable[[dict[str, Any]], None]
 
 
 class Registry:
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, validate_filters: FilterValidator | None = None) -> None:
+        """``validate_filters`` checks a FilterCriteria deeply (the engine's compiler); a
+        ValueError it raises becomes AWS's "Invalid filter pattern definition."."""
         self.store = store
+        self.validate_filters = validate_filters
 
     async def list(
         self, *, function_name: str | None = None, event_source_arn: str | None = None
@@ -50,9 +59,7 @@ class Registry:
         status = await self.store.get_status(mapping.uuid)
         result = status.get("LastProcessingResult")
         if result and result != mapping.last_processing_result:
-            data = mapping.to_dict()
-            data["last_processing_result"] = result
-            return Mapping.from_dict(data)
+            return mapping.with_last_processing_result(result)
         return mapping
 
     async def _check_duplicate(self, mapping: Mapping) -> None:
@@ -66,8 +73,10 @@ class Registry:
 
     async def create(self, params: dict[str, Any]) -> Mapping:
         mapping = create_mapping(
-            params, uuid=str(uuidlib.uuid4()), now=time.time(), validate_filters=validate_filters
+            params, uuid=str(uuidlib.uuid4()), now=time.time(),
+            validate_filters=self.validate_filters,
         )
+        check_runnable(mapping)
         await self._check_duplicate(mapping)
         await self.store.put_mapping(mapping.to_dict())
         return mapping
@@ -75,7 +84,7 @@ class Registry:
     async def update(self, uuid: str, changes: dict[str, Any]) -> Mapping:
         current = await self.get(uuid)
         mapping = update_mapping(
-            current, changes, now=time.time(), validate_filters=validate_filters
+            current, changes, now=time.time(), validate_filters=self.validate_filters
         )
         await self._check_duplicate(mapping)
         await self.store.put_mapping(mapping.to_dict())
@@ -113,7 +122,7 @@ class Registry:
                     result.append(await self.create(entry))
                     continue
                 wanted = update_mapping(current, changes, now=current.last_modified,
-                                        validate_filters=validate_filters)
+                                        validate_filters=self.validate_filters)
                 if wanted.to_dict() != current.to_dict():
                     result.append(await self.update(current.uuid, changes))
                 else:
@@ -121,3 +130,4 @@ class Registry:
             except MappingError as exc:
                 raise MappingError(f"{where} ({name}): {exc}", code=exc.code) from None
         return result
+

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from poller.engine.filter_compiler import compile_filter_criteria
 from poller.mappings import MappingError
 from poller.registry import Registry
 from poller.state.sqlite import SqliteStore
@@ -15,7 +16,7 @@ from poller.state.sqlite import SqliteStore
 async def registry(tmp_path: Path):  # type: ignore[no-untyped-def]
     store = SqliteStore(f"sqlite:///{tmp_path}/state.db")
     await store.open()
-    yield Registry(store)
+    yield Registry(store, validate_filters=compile_filter_criteria)
     await store.close()
 
 
@@ -75,3 +76,23 @@ async def test_upsert_declared_matches_by_name(registry: Registry) -> None:
                                          "event_source_arn": "local://x"}], "c.toml")
     with pytest.raises(MappingError, match=r"mappings\[0\] \(bad\)"):
         await registry.upsert_declared([{**entry, "name": "bad", "batch_size": 0}], "c.toml")
+
+
+@pytest.mark.parametrize(
+    ("uri", "label"),
+    [
+        ("arn:aws:kinesis:us-east-1:123456789012:stream/s", "Kinesis"),
+        ("arn:aws:dynamodb:us-east-1:123456789012:table/Tbl/stream/2024", "DynamoDB"),
+        ("kafka://b:9092/t", "Kafka"),
+    ],
+)
+async def test_a_source_without_a_runner_is_refused_by_kind(
+    registry: Registry, uri: str, label: str
+) -> None:
+    """Refused at create, naming the kind, instead of accepted and failing in the daemon."""
+    with pytest.raises(MappingError) as info:
+        await registry.create(
+            {"function_name": "f", "event_source_arn": uri, "starting_position": "LATEST"}
+        )
+    assert f"{label} event sources are not supported by this version of poller" in str(info.value)
+    assert await registry.list() == []
