@@ -38,7 +38,8 @@ import uvloop
 from poller.config import FunctionConfig
 from poller.logs import JsonLog
 from poller.runtime import protocol
-from poller.runtime.pool import Outcome, Runtime
+from poller.runtime.pool import Runtime
+from poller.runtime.results import Outcome
 
 HANDLER_MODULE = "bench_noop_handler"
 HANDLER_SOURCE = "def handler(event, context):\n    return None\n"

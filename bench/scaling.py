@@ -73,7 +73,7 @@ from poller.logs import JsonLog
 from poller.metrics import MappingMetrics
 from poller.runtime.pool import Runtime
 from poller.sources.base import Message
-from poller.sources.local import LocalQueue
+from poller.sources.local.queue import LocalQueue
 from poller.state.sqlite import SqliteStore
 
 HANDLER_MODULE = "bench_sleep_handler"

@@ -12,6 +12,7 @@ import msgspec
 import typer
 
 from poller.config import Config, ConfigError, find_config, load_config
+from poller.redaction import redact
 
 app = typer.Typer(
     help="Lambda event source mappings on your own machines: poll queues and streams, "
@@ -111,7 +112,8 @@ def invoke(
         raise fail(str(exc)) from None
 
     from poller.logs import JsonLog
-    from poller.runtime.pool import Outcome, Runtime
+    from poller.runtime.pool import Runtime
+    from poller.runtime.results import Outcome
 
     async def go() -> Any:
         # Function logs go nowhere unless asked for: stdout carries only the response.
@@ -186,7 +188,14 @@ def _json_option(value: str | None, option: str) -> Any:
         raise fail(f"{option} is not valid JSON ({exc}): {value!r}") from None
 
 
+def _source_forms() -> list[str]:
+    from poller.sources.kinds import accepted_forms
+
+    return accepted_forms()
+
+
 def _registry_call(cfg: Config, operation: str, call: Any) -> Any:
+    from poller.engine.filter_compiler import compile_filter_criteria
     from poller.mappings import MappingError
     from poller.registry import Registry
     from poller.state.base import StateError, open_store
@@ -195,7 +204,7 @@ def _registry_call(cfg: Config, operation: str, call: Any) -> Any:
         store = open_store(cfg.state_url, key_prefix=cfg.state.key_prefix)
         await store.open()
         try:
-            return await call(Registry(store))
+            return await call(Registry(store, validate_filters=compile_filter_criteria))
         finally:
             await store.close()
 
@@ -234,8 +243,7 @@ def mappings_create(
     function_name: Annotated[str, typer.Option(help="Function from [[functions]].")],
     event_source_arn: Annotated[
         str,
-        typer.Option(help="local://NAME, an SQS queue ARN or URL, sqs://NAME, "
-                     "redis-queue://HOST:PORT/DB/STREAM."),
+        typer.Option(help="The event source: " + "; ".join(_source_forms()) + "."),
     ],
     batch_size: Annotated[int | None, typer.Option(
         help="Records per invoke (1-10000; queues default 10).", show_default=False)] = None,
@@ -280,6 +288,13 @@ def mappings_create(
     params["enabled"] = enabled
     _warn_unknown_function(cfg, function_name)
     mapping = _registry_call(cfg, "CreateEventSourceMapping", lambda r: r.create(params))
+    if mapping.source.has_credentials:
+        typer.echo(
+            f"warning: the password in the event source URI is stored in the registry "
+            f"({redact(cfg.state_url)}) as given; to keep it out, remove it from the URI and "
+            "name an environment variable that holds it with [redis] password_env in the config",
+            err=True,
+        )
     _show(cfg, [mapping], output, single=True)
 
 
@@ -399,7 +414,7 @@ SEND_CHUNK = 500
 @app.command()
 def send(
     source: Annotated[str, typer.Argument(
-        help="Queue URI: local://NAME, sqs://NAME, an SQS ARN or URL, redis-queue://...")],
+        help="Where to: " + "; ".join(_source_forms()) + ".")],
     body: Annotated[str | None, typer.Option(help="Message body.", show_default=False)] = None,
     file: Annotated[Path | None, typer.Option(
         help="One message per line ('-' for stdin).", show_default=False)] = None,
@@ -410,7 +425,7 @@ def send(
         help="Message group (FIFO queues).", show_default=False)] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Put test messages on a queue, in batches, with a progress bar for large sends."""
+    """Put test messages on a source, in batches, with a progress bar for large sends."""
     cfg = load(config)
     if (body is None) == (file is None):
         raise fail("give exactly one of --body or --file")
@@ -426,10 +441,20 @@ def send(
         bodies = [body or ""]
     total = len(bodies) * count
 
-    from poller.mappings import MappingError
-    from poller.sources import open_queue_sender
-    from poller.sources.base import SourceError
+    from poller.logs import JsonLog
+    from poller.mappings import MappingError, parse_event_source
+    from poller.sources.base import AwsDefaults, SourceContext, SourceError
     from poller.state.base import StateError, open_store
+
+    try:
+        spec = parse_event_source(source, AwsDefaults(cfg.aws.region, cfg.aws.account))
+    except MappingError as exc:
+        raise fail(str(exc)) from None
+    # Never the URI as given: it may hold a password.
+    shown = spec.display_uri
+    open_sender = spec.kind.open_sender
+    if open_sender is None:
+        raise fail(f"{spec.kind.name} sources cannot be sent to with this version of poller")
 
     def all_bodies() -> Any:
         for _ in range(count):
@@ -438,7 +463,8 @@ def send(
     async def go(progress: Any) -> int:
         store = open_store(cfg.state_url, key_prefix=cfg.state.key_prefix)
         await store.open()
-        sender = open_queue_sender(source, cfg, store)
+        log = JsonLog(sys.stderr.buffer, level="warning")
+        sender = open_sender(spec, SourceContext(config=cfg, store=store, log=log))
         sent = 0
         try:
             await sender.start()
@@ -459,14 +485,14 @@ def send(
 
     try:
         if total >= 2 * SEND_CHUNK:
-            with typer.progressbar(length=total, label=f"sending to {source}",
+            with typer.progressbar(length=total, label=f"sending to {shown}",
                                    file=sys.stderr) as progress:
                 sent = run_async(go(progress))
         else:
             sent = run_async(go(_NoProgress()))
-    except (MappingError, SourceError, StateError) as exc:
-        raise fail(str(exc), 1) from None
-    typer.echo(f"sent {sent} message(s) to {source}", err=True)
+    except (SourceError, StateError) as exc:
+        raise fail(redact(str(exc)), 1) from None
+    typer.echo(f"sent {sent} message(s) to {shown}", err=True)
 
 
 class _NoProgress:

@@ -21,20 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from poller import metrics
 from poller.config import Config
-from poller.engine.filtering import compile_filter_criteria
-from poller.engine.queue import (
-    QueueRunner,
-    QueueSettings,
-    ScaledConcurrency,
-    concurrency_bound,
-)
-from poller.engine.scaling import ScalingController
+from poller.engine.filter_compiler import compile_filter_criteria
+from poller.engine.runners import Runner, RunnerError, Services, build_runner
 from poller.logs import JsonLog
 from poller.mappings import Mapping, MappingError
+from poller.redaction import redact
 from poller.registry import Registry
 from poller.runtime.pool import Runtime
-from poller.sources import open_queue_source
-from poller.sources.base import SourceError
 from poller.state.base import StateError, StateStore, open_store
 
 # Fields that describe what a runner does; a change to any other field (status, timestamps)
@@ -57,7 +50,7 @@ def _spec(mapping: Mapping) -> dict[str, Any]:
 class RunningMapping:
     mapping: Mapping
     spec: dict[str, Any]
-    runner: QueueRunner
+    runner: Runner
     task: asyncio.Task[None]
 
 
@@ -67,9 +60,10 @@ class Supervisor:
     def __init__(self, config: Config, store: StateStore, runtime: Runtime, log: JsonLog) -> None:
         self.config = config
         self.store = store
-        self.registry = Registry(store)
+        self.registry = Registry(store, validate_filters=compile_filter_criteria)
         self.runtime = runtime
         self.log = log
+        self.services = Services(config, store, runtime, log)
         self.running: dict[str, RunningMapping] = {}
         self.problems: dict[str, str] = {}
         self.reconciled = asyncio.Event()
@@ -110,7 +104,8 @@ class Supervisor:
                     "disabled" if mapping is None else "updated")
                 self.log.info(f"mapping {reason}: stopping its runner", mapping=uuid)
                 del self.running[uuid]
-                stops.append(self._stop(running, self.config.daemon.shutdown_grace_s))
+                stops.append(self._stop(running, self.config.daemon.shutdown_grace_s,
+                                        for_good=reason != "updated"))
         if stops:
             await asyncio.gather(*stops)
         for uuid in list(self.problems):
@@ -121,56 +116,19 @@ class Supervisor:
                 self._start(mapping)
 
     def _start(self, mapping: Mapping) -> None:
-        fields = {"mapping": mapping.uuid, "function": mapping.function_name}
+        uuid = mapping.uuid
         try:
-            pool = self.runtime.pool(mapping.function_name)
-        except KeyError as exc:
-            self._problem(mapping, f"PROBLEM: {exc.args[0]}")
-            return
-        if not mapping.source.is_queue:
-            self._problem(
-                mapping,
-                f"PROBLEM: {mapping.kind} sources are not supported by this poller version",
+            runner = build_runner(
+                mapping, self.services, lambda status: self._record_status(uuid, status)
             )
-            return
-        try:
-            source = open_queue_source(mapping, self.config, self.store)
-            record_filter = (
-                compile_filter_criteria(mapping.filter_criteria)
-                if mapping.filter_criteria else None
-            )
-        except (SourceError, MappingError, ValueError) as exc:
+        except (RunnerError, MappingError) as exc:
             self._problem(mapping, f"PROBLEM: {exc}")
             return
-        settings = QueueSettings(
-            uuid=mapping.uuid,
-            function_name=mapping.function_name,
-            batch_size=mapping.batch_size,
-            batching_window_s=mapping.batching_window_s,
-            report_batch_item_failures=mapping.report_batch_item_failures,
-            maximum_concurrency=mapping.maximum_concurrency,
-            max_payload_bytes=self.config.daemon.max_request_bytes,
-            filter=record_filter,
-        )
-        uuid = mapping.uuid
-        controller = ScalingController(
-            maximum=concurrency_bound(mapping.maximum_concurrency, pool),
-            batch_size=mapping.batch_size,
-        )
-        runner = QueueRunner(
-            settings,
-            source,
-            pool,
-            log=self.log,
-            metrics=metrics.MappingMetrics(uuid, mapping.function_name),
-            policy=ScaledConcurrency(controller),
-            on_status=lambda status: self._record_status(uuid, status),
-        )
         task = asyncio.get_running_loop().create_task(runner.run())
         self.running[uuid] = RunningMapping(mapping, _spec(mapping), runner, task)
         self.problems.pop(uuid, None)
-        self.log.info("mapping runner starting", **fields, source=mapping.source.display_uri,
-                      batch_size=mapping.batch_size)
+        self.log.info("mapping runner starting", mapping=uuid, function=mapping.function_name,
+                      source=mapping.source.display_uri, batch_size=mapping.batch_size)
 
     def _problem(self, mapping: Mapping, status: str) -> None:
         if self.problems.get(mapping.uuid) != status:
@@ -186,11 +144,13 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(write())
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _stop(self, running: RunningMapping, grace_s: float) -> None:
+    async def _stop(self, running: RunningMapping, grace_s: float, for_good: bool = False) -> None:
         await running.runner.stop(grace_s)
         running.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await running.task
+        if for_good:
+            running.runner.metrics.remove()
 
     async def stop_all(self, grace_s: float) -> None:
         running = list(self.running.values())
@@ -227,7 +187,7 @@ class Daemon:
             await self._close()
             return 1
         self.log.info("poller daemon running", config=config.path,
-                      http=config.daemon.http_listen, state=_safe_url(config.state_url),
+                      http=config.daemon.http_listen, state=redact(config.state_url),
                       functions=[f.name for f in config.functions])
         assert self.supervisor is not None
         watcher = loop.create_task(self.supervisor.watch(self.stopping))
@@ -332,11 +292,3 @@ class Daemon:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
-
-
-def _safe_url(url: str) -> str:
-    # Never log a password that may sit in a redis:// URL.
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest.split("/", 1)[0]:
-        rest = rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"

@@ -1,7 +1,12 @@
-"""JSON-lines logging to stdout.
+"""JSON-lines logging to stdout, the daemon's one log path.
 
-One record per line, written through a buffer that is flushed once per event-loop turn, so a
-burst of invokes costs one write() rather than three per invoke (START, END, REPORT).
+Every record carries Lambda's JSON log field names: ``timestamp`` (ISO-8601 UTC, milliseconds),
+``level`` (``DEBUG``, ``INFO``, ``WARN``, ``ERROR``), ``message``, ``requestId``; platform
+records have Lambda's ``type`` values (``platform.start``, ``platform.runtimeDone``,
+``platform.report``), so log shippers and people read them as they read Lambda's.
+
+Records are written through a buffer that is flushed once per event-loop turn, so a burst of
+invokes costs one write() rather than three per invoke.
 """
 
 from __future__ import annotations
@@ -9,13 +14,30 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import msgspec
 
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# Lambda's names for them.
+LEVEL_NAMES: Final = {"debug": "DEBUG", "info": "INFO", "warning": "WARN", "error": "ERROR"}
 
 _encode = msgspec.json.Encoder().encode
+_second = -1
+_prefix = ""
+
+
+def timestamp() -> str:
+    """Now as ISO-8601 UTC with milliseconds (``2026-12-02T09:40:01.123Z``), the way Lambda
+    writes it. The part up to the second is formatted once per second: this runs for every
+    platform record of every invoke."""
+    global _second, _prefix
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = second
+    return f"{_prefix}.{int((now - second) * 1000):03d}Z"
 
 
 class JsonLog:
@@ -25,16 +47,13 @@ class JsonLog:
         self._buffer = bytearray()
         self._flush_scheduled = False
 
-    def set_level(self, level: str) -> None:
-        self.threshold = LEVELS[level.lower()]
-
     def enabled(self, level: str) -> bool:
         return LEVELS[level] >= self.threshold
 
     def emit(self, record: dict[str, Any]) -> None:
-        """Write a pre-built record (it gets a timestamp if it has none)."""
-        if "time" not in record:
-            record = {"time": round(time.time(), 6), **record}
+        """Write a record built by the caller (it gets a timestamp first if it has none)."""
+        if "timestamp" not in record:
+            record = {"timestamp": timestamp(), **record}
         self.write(_encode(record) + b"\n")
 
     def write(self, lines: bytes) -> None:
@@ -54,7 +73,9 @@ class JsonLog:
     def log(self, level: str, message: str, **fields: Any) -> None:
         if LEVELS[level] < self.threshold:
             return
-        self.emit({"time": round(time.time(), 6), "level": level, "message": message, **fields})
+        self.emit(
+            {"timestamp": timestamp(), "level": LEVEL_NAMES[level], "message": message, **fields}
+        )
 
     def debug(self, message: str, **fields: Any) -> None:
         self.log("debug", message, **fields)
@@ -80,6 +101,3 @@ class JsonLog:
         except (BrokenPipeError, ValueError):
             # Nobody is reading our stdout any more (pipe closed on shutdown): drop, don't die.
             pass
-
-
-log = JsonLog()

@@ -8,6 +8,7 @@ Labels: `mapping` is the EventSourceMappingUUID, `function` the function name.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Iterable
@@ -225,6 +226,17 @@ leases_held = Gauge(
 )
 
 
+# Every metric labelled exactly (mapping, function).
+_PER_MAPPING: tuple[Counter | Gauge | Histogram, ...] = (
+    polled_events, filtered_out_events, invoked_events, failed_invoke_events, deleted_events,
+    dead_lettered_events, invoke_errors, throttles, invoke_duration, batch_size,
+    concurrent_executions, concurrency_target, queue_visible, queue_in_flight, source_connected,
+    mapping_running, mapping_problem, iterator_age_max, checkpoints, destination_failures,
+    batches_bisected, records_expired, kafka_offset_lag_sum, kafka_offset_lag_max,
+    kafka_rebalances, leases_held,
+)
+
+
 class MappingMetrics:
     """The label children of one mapping, resolved once: label lookups are off the hot path.
 
@@ -240,6 +252,7 @@ class MappingMetrics:
         "__weakref__",
         "_flush_lock",
         "_flushed",
+        "_operations",
         "_outcomes",
         "batch_size",
         "concurrency_target",
@@ -259,6 +272,7 @@ class MappingMetrics:
         "ok_count",
         "polled",
         "polled_count",
+        "problem",
         "running",
         "running_batches",
         "source_connected",
@@ -286,7 +300,9 @@ class MappingMetrics:
         self.in_flight = queue_in_flight.labels(*labels)
         self.source_connected = source_connected.labels(*labels)
         self.running = mapping_running.labels(*labels)
+        self.problem = mapping_problem.labels(*labels)
         self._outcomes: dict[str, Counter] = {}
+        self._operations: dict[str, Counter] = {}
         # Totals since creation (the engine adds to them) and what flush() has handed on.
         self.polled_count = 0
         self.invoked_count = 0
@@ -321,4 +337,26 @@ class MappingMetrics:
         return child
 
     def source_error(self, operation: str) -> Counter:
-        return source_errors.labels(self.mapping, self.function, operation)
+        child = self._operations.get(operation)
+        if child is None:
+            child = self._operations[operation] = source_errors.labels(
+                self.mapping, self.function, operation
+            )
+        return child
+
+    def remove(self) -> None:
+        """Drop every series of this mapping: it was deleted (or disabled), and a series that
+        stays exported would keep dashboards and alerts on a mapping that is gone."""
+        _live.discard(self)
+        labels = (self.mapping, self.function)
+        for metric in _PER_MAPPING:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+        for outcome in self._outcomes:
+            with contextlib.suppress(KeyError):
+                invocations.remove(*labels, outcome)
+        for operation in self._operations:
+            with contextlib.suppress(KeyError):
+                source_errors.remove(*labels, operation)
+        self._outcomes.clear()
+        self._operations.clear()

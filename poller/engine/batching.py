@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
-
-from poller.sources.base import Message
 
 # {"Records":[ ... ]} around the records, plus a comma between each two.
 EVENT_OVERHEAD = len(b'{"Records":[]}')
@@ -14,41 +12,55 @@ EVENT_OVERHEAD = len(b'{"Records":[]}')
 _decode = msgspec.json.Decoder().decode
 
 
-class Batch:
-    """Messages gathered for one invoke, bounded by count and by encoded event size."""
+class Sized(Protocol):
+    """What a batch needs of a record: its encoded size (an upper bound is fine)."""
 
-    __slots__ = ("max_bytes", "max_records", "messages", "size")
+    size: int
 
-    def __init__(self, max_records: int, max_bytes: int) -> None:
+
+R = TypeVar("R", bound=Sized)
+
+
+class Batch(Generic[R]):
+    """Records gathered for one invoke, bounded by count and by the encoded event's size.
+
+    ``overhead`` is the envelope's size without records (``{"Records":[]}`` by default; a
+    Kafka event's envelope differs); records are joined by one comma each.
+    """
+
+    __slots__ = ("max_bytes", "max_records", "overhead", "records", "size")
+
+    def __init__(self, max_records: int, max_bytes: int, overhead: int = EVENT_OVERHEAD) -> None:
         self.max_records = max_records
         self.max_bytes = max_bytes
-        self.messages: list[Message] = []
-        self.size = EVENT_OVERHEAD
+        self.overhead = overhead
+        self.records: list[R] = []
+        self.size = overhead
 
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self.records)
 
     def __bool__(self) -> bool:
-        return bool(self.messages)
+        return bool(self.records)
 
     @property
     def full(self) -> bool:
-        return len(self.messages) >= self.max_records
+        return len(self.records) >= self.max_records
 
-    def fits(self, message: Message) -> bool:
-        extra = message.size + (1 if self.messages else 0)
-        return len(self.messages) < self.max_records and self.size + extra <= self.max_bytes
+    def fits(self, record: R) -> bool:
+        extra = record.size + (1 if self.records else 0)
+        return len(self.records) < self.max_records and self.size + extra <= self.max_bytes
 
-    def add(self, message: Message) -> bool:
-        """Add if it fits; False means the batch is complete and the message waits for the next."""
-        if not self.fits(message):
+    def add(self, record: R) -> bool:
+        """Add if it fits; False means the batch is complete and the record waits for the next."""
+        if not self.fits(record):
             return False
-        self.size += message.size + (1 if self.messages else 0)
-        self.messages.append(message)
+        self.size += record.size + (1 if self.records else 0)
+        self.records.append(record)
         return True
 
-    def too_big_alone(self, message: Message) -> bool:
-        return EVENT_OVERHEAD + message.size > self.max_bytes
+    def too_big_alone(self, record: R) -> bool:
+        return self.overhead + record.size > self.max_bytes
 
 
 def parse_batch_item_failures(payload: bytes, ids: set[str]) -> set[str] | None:

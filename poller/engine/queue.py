@@ -20,31 +20,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from poller.engine.batching import Batch, parse_batch_item_failures
+from poller.engine.concurrency import (
+    LONG_POLL_S,
+    ConcurrencyPolicy,
+    OutcomeCounts,
+    ScaledConcurrency,
+    concurrency_bound,
+)
+from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.filtering import RecordFilter
-from poller.engine.scaling import Observation, ScalingController
+from poller.engine.health import SourceHealth
+from poller.engine.runners import RunnerError, Services, source_context
+from poller.engine.scaling import ScalingController
+from poller.engine.visibility import Heartbeat
 from poller.events import sqs_event
 from poller.logs import JsonLog
+from poller.mappings import Mapping
 from poller.metrics import MappingMetrics
-from poller.runtime.pool import NOT_RUN, FunctionPool, Lease, Outcome
-from poller.sources.base import Depth, Message, QueueSource, SourceError
+from poller.runtime.pool import FunctionPool, Lease
+from poller.runtime.results import NOT_RUN, Outcome
+from poller.sources.base import (
+    DeadLetterQueue,
+    Depth,
+    Message,
+    QueueSource,
+    SourceError,
+    SourceSpec,
+)
 
 DEFAULT_CONCURRENCY = 2
-LONG_POLL_S = 20.0
 MIN_LONG_POLL_S = 1.0
-# Without ScalingConfig.MaximumConcurrency a mapping may grow to the function's own limit,
-# and at most to this (Lambda's per-mapping ceiling is 1,250 concurrent invokes).
-MAX_CONCURRENCY_CEILING = 1000
 DEPTH_INTERVAL_S = 1.0
 MANAGE_INTERVAL_S = 0.25
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 30.0
 
 
 @dataclass(slots=True)
@@ -59,97 +72,6 @@ class QueueSettings:
     maximum_concurrency: int | None
     max_payload_bytes: int
     filter: RecordFilter | None = None
-
-
-@dataclass(slots=True)
-class OutcomeCounts:
-    """Outcomes since the scaling controller last looked."""
-
-    ok: int = 0
-    errors: int = 0
-    throttles: int = 0
-    partials: int = 0
-    batch_seconds: float = 0.0
-    batches_completed: int = 0
-    messages: int = 0  # in the completed batches
-    empty_polls: int = 0
-
-    def take(self) -> OutcomeCounts:
-        taken = OutcomeCounts(
-            self.ok, self.errors, self.throttles, self.partials, self.batch_seconds,
-            self.batches_completed, self.messages, self.empty_polls,
-        )
-        self.ok = self.errors = self.throttles = self.partials = 0
-        self.batch_seconds = 0.0
-        self.batches_completed = self.messages = self.empty_polls = 0
-        return taken
-
-
-class ConcurrencyPolicy:
-    """Decides how many batches run at once. The fixed policy; scaling.py supplies a live one."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-
-    def tick(self, now: float, depth: Depth | None, in_flight: int, counts: OutcomeCounts) -> int:
-        return self.target
-
-    @property
-    def poll_wait_s(self) -> float:
-        return LONG_POLL_S
-
-    @property
-    def reason(self) -> str:
-        return "fixed concurrency"
-
-
-class ScaledConcurrency(ConcurrencyPolicy):
-    """Concurrency that follows the backlog (engine/scaling.py decides)."""
-
-    def __init__(self, controller: ScalingController) -> None:
-        super().__init__(controller.target)
-        self.controller = controller
-        self._poll_wait_s = 0.0
-        self._reason = "starting"
-
-    def tick(self, now: float, depth: Depth | None, in_flight: int, counts: OutcomeCounts) -> int:
-        decision = self.controller.observe(
-            Observation(
-                now=now,
-                backlog=depth.backlog if depth is not None else -1,
-                in_flight=in_flight,
-                ok=counts.ok,
-                errors=counts.errors,
-                throttles=counts.throttles,
-                partials=counts.partials,
-                batch_seconds=counts.batch_seconds,
-                batches_completed=counts.batches_completed,
-                messages=counts.messages,
-                empty_polls=counts.empty_polls,
-            )
-        )
-        self.target = decision.target
-        self._poll_wait_s = decision.poll_wait_s
-        self._reason = decision.reason
-        return decision.target
-
-    @property
-    def poll_wait_s(self) -> float:
-        return self._poll_wait_s
-
-    @property
-    def reason(self) -> str:
-        return self._reason
-
-
-def concurrency_bound(maximum_concurrency: int | None, pool: FunctionPool) -> int:
-    """The most batches a mapping may run: its own cap, the function's, the memory budget's."""
-    config = pool.config
-    bounds = [maximum_concurrency or MAX_CONCURRENCY_CEILING,
-              pool.runtime.memory_budget_mb // config.memory_mb]
-    if config.reserved_concurrency is not None:
-        bounds.append(config.reserved_concurrency)
-    return max(min(bounds), 1)
 
 
 class QueueRunner:
@@ -172,8 +94,8 @@ class QueueRunner:
         self.policy = policy or ConcurrencyPolicy(
             settings.maximum_concurrency or DEFAULT_CONCURRENCY
         )
-        self._on_status = on_status
-        self._status = ""
+        self.fields = {"mapping": settings.uuid, "function": settings.function_name}
+        self.health = SourceHealth(log, metrics, self.fields, on_status)
         self.target = 0
         self.in_flight = 0
         self.depth: Depth | None = None
@@ -189,18 +111,27 @@ class QueueRunner:
         self._invoking: set[int] = set()
         self._stopping = False
         self._started = asyncio.Event()
-        self._outage_since: float | None = None
-        self._connected = False  # as of the last call to the source
-        self._backoff = BACKOFF_MIN_S
         self._tasks: list[asyncio.Task[Any]] = []
         self._settles: set[asyncio.Task[None]] = set()
-        self._fields = {"mapping": settings.uuid, "function": settings.function_name}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def started(self) -> bool:
         return self._started.is_set()
+
+    def status(self) -> dict[str, Any]:
+        depth = self.depth
+        return {
+            "state": "running" if self.started else "starting",
+            "lastProcessingResult": self.health.status or None,
+            "lastError": self.health.last_error if self.health.in_outage else None,
+            "backlog": depth.backlog if depth is not None else None,
+            "visible": depth.visible if depth is not None else None,
+            "inFlight": depth.in_flight if depth is not None else None,
+            "concurrency": self.in_flight,
+            "concurrencyTarget": self.target,
+        }
 
     async def run(self) -> None:
         """Start the source (retrying while it is unreachable), then keep the pollers going."""
@@ -209,14 +140,14 @@ class QueueRunner:
                 await self.source.start()
                 break
             except SourceError as exc:
-                self._source_failed("start", exc)
-                await asyncio.sleep(self._next_backoff())
+                self.health.failed("start", exc)
+                await self.health.backoff()
         if self._stopping:
             return
-        self._source_ok()
+        self.health.ok()
         self.metrics.running.set(1)
         self._started.set()
-        self.log.info("mapping runner started", **self._fields,
+        self.log.info("mapping runner started", **self.fields,
                       visibility_timeout_s=self.source.visibility_timeout_s)
         if self.pool.config.timeout_s > self.source.visibility_timeout_s:
             # Lambda refuses this mapping; the heartbeat makes it safe here, so only warn.
@@ -224,7 +155,7 @@ class QueueRunner:
                 f"Queue visibility timeout: {self.source.visibility_timeout_s:g} seconds is less "
                 f"than Function timeout: {self.pool.config.timeout_s:g} seconds; poller extends "
                 "visibility while invokes run, but consider raising the queue's timeout",
-                **self._fields,
+                **self.fields,
             )
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_depth()))
@@ -243,7 +174,7 @@ class QueueRunner:
                 self.log.warning(
                     "shutdown grace expired with invokes in flight; their messages will be "
                     "redelivered after the visibility timeout",
-                    **self._fields, in_flight=len(still),
+                    **self.fields, in_flight=len(still),
                 )
                 for task in still:
                     task.cancel()
@@ -267,7 +198,7 @@ class QueueRunner:
             counts = self.counts.take()
             target = self.policy.tick(time.monotonic(), self.depth, self.in_flight, counts)
             if target != self.target:
-                self.log.debug("concurrency target changed", **self._fields,
+                self.log.debug("concurrency target changed", **self.fields,
                                previous=self.target, target=target, reason=self.policy.reason)
                 self.target = target
                 self.metrics.concurrency_target.set(target)
@@ -279,14 +210,14 @@ class QueueRunner:
                         # A bug or an unexpected client error: say so, then carry on with a
                         # fresh poller (its messages come back after their visibility timeout).
                         self.log.error(f"poller crashed: {error!r}; restarting it",
-                                       **self._fields, poller=index)
+                                       **self.fields, poller=index)
                 if task is None or task.done():
                     self._pollers[index] = loop.create_task(self._poll_loop(index))
             for index in [i for i in self._pollers if i >= target]:
                 if self._pollers[index].done():
                     del self._pollers[index]
             busy = self.in_flight > 0 or (self.depth is not None and self.depth.backlog > 0)
-            if busy and self._outage_since is None:
+            if busy and not self.health.in_outage:
                 # Busy: one fresh depth reading per tick. The controller estimates arrivals as
                 # the backlog's change plus the messages done since the last tick; a reading
                 # up to DEPTH_INTERVAL_S old would make it count each tick's deletions as new
@@ -300,41 +231,6 @@ class QueueRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._tick_wanted.wait(), MANAGE_INTERVAL_S)
 
-    # -- source health -----------------------------------------------------------------------
-
-    def _next_backoff(self) -> float:
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
-        return delay * random.uniform(0.8, 1.2)
-
-    def _source_failed(self, operation: str, exc: SourceError) -> None:
-        self._connected = False
-        self.metrics.source_error(operation).inc()
-        self.metrics.source_connected.set(0)
-        if self._outage_since is None:
-            # Once per outage, not once per retry.
-            self._outage_since = time.monotonic()
-            self.log.error(f"event source unavailable: {exc}", **self._fields,
-                           operation=operation, retryable=exc.retryable)
-            self._set_status(f"PROBLEM: {exc}")
-
-    def _source_ok(self) -> None:
-        if self._connected:
-            return  # called after every receive: nothing to do unless it failed before
-        self._connected = True
-        self._backoff = BACKOFF_MIN_S
-        if self._outage_since is not None:
-            self.log.info("event source reachable again", **self._fields,
-                          outage_s=round(time.monotonic() - self._outage_since, 3))
-            self._outage_since = None
-        self.metrics.source_connected.set(1)
-
-    def _set_status(self, status: str) -> None:
-        if status != self._status:
-            self._status = status
-            if self._on_status is not None:
-                self._on_status(status)
-
     async def _watch_depth(self) -> None:
         while True:
             self._depth_wanted.clear()
@@ -342,7 +238,7 @@ class QueueRunner:
             try:
                 depth = await self.source.depth()
             except SourceError as exc:
-                self._source_failed("depth", exc)
+                self.health.failed("depth", exc)
             else:
                 previous, self.depth = self.depth, depth
                 if depth.backlog > 0 and (previous is None or previous.backlog == 0):
@@ -386,8 +282,8 @@ class QueueRunner:
                 except SourceError as exc:
                     heartbeat.cancel()
                     lease.release()
-                    self._source_failed("receive", exc)
-                    await asyncio.sleep(self._next_backoff())
+                    self.health.failed("receive", exc)
+                    await self.health.backoff()
                     continue
                 except BaseException:
                     heartbeat.cancel()
@@ -400,7 +296,7 @@ class QueueRunner:
                     continue
                 self._invoking.add(index)
                 try:
-                    done = await self._process(batch, lease, heartbeat)
+                    done = await self._process(batch, lease, heartbeat, carry)
                 except BaseException:
                     heartbeat.cancel()
                     raise
@@ -424,16 +320,16 @@ class QueueRunner:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.source.change_visibility(carry.messages, 0))
 
-    async def _collect(self, carry: _Carry, heartbeat: Heartbeat) -> Batch:
+    async def _collect(self, carry: _Carry, heartbeat: Heartbeat) -> Batch[Message]:
         settings = self.settings
         source = self.source
-        batch = Batch(settings.batch_size, settings.max_payload_bytes)
+        batch: Batch[Message] = Batch(settings.batch_size, settings.max_payload_bytes)
         deadline = time.monotonic() + settings.batching_window_s
         held = carry.messages
         while held and batch.add(held[0]):
             held.pop(0)
         if batch:
-            heartbeat.cover(batch.messages, deadline, carry.received_at)
+            heartbeat.cover(batch.records, deadline, carry.received_at)
         if batch.full or held:
             return batch
         # Long-poll even with a backlog (it returns as soon as anything is visible): a poller
@@ -442,19 +338,19 @@ class QueueRunner:
         while True:
             want = min(settings.batch_size - len(batch), source.max_receive_batch)
             messages = await source.receive(want, wait)
-            self._source_ok()
+            self.health.ok()
             if len(messages) >= want:
                 self._depth_looks_stale()
             if messages:
                 received_at = time.monotonic()
-                messages = await self._admit(messages, batch)
+                messages = await self._admit(messages, batch, carry)
                 for message in messages:
                     if not batch.add(message):
                         held.append(message)
                 if held:
                     carry.received_at = received_at
                 if batch:
-                    heartbeat.cover(batch.messages, deadline, received_at)
+                    heartbeat.cover(batch.records, deadline, received_at)
             if batch.full or held:
                 return batch
             remaining = deadline - time.monotonic()
@@ -465,7 +361,9 @@ class QueueRunner:
             # Inside the window: keep gathering, but don't sleep past its end.
             wait = min(remaining, LONG_POLL_S)
 
-    async def _admit(self, messages: list[Message], batch: Batch) -> list[Message]:
+    async def _admit(
+        self, messages: list[Message], batch: Batch[Message], carry: _Carry
+    ) -> list[Message]:
         """Drop what must not be invoked: filtered out, past maxReceiveCount, too big."""
         metrics = self.metrics
         metrics.polled_count += len(messages)
@@ -489,6 +387,8 @@ class QueueRunner:
             # Lambda deletes SQS messages that match no filter (ESM_SEMANTICS.md §3.6).
             await source.delete(filtered)
             metrics.filtered_out.inc(len(filtered))
+            carry.filtered += len(filtered)
+        carry.dead_lettered += len(exhausted) + len(oversized)
         if exhausted:
             await self._dead_letter(exhausted, f"maxReceiveCount {limit} exceeded")
         if oversized:
@@ -501,22 +401,24 @@ class QueueRunner:
     async def _dead_letter(self, messages: list[Message], reason: str) -> None:
         if self.source.native_redrive:
             self.log.error("message can never be delivered and the queue's own redrive policy "
-                           "will move it", **self._fields, reason=reason,
+                           "will move it", **self.fields, reason=reason,
                            message_ids=[m.id for m in messages])
             return
-        await self.source.dead_letter(messages, reason)
+        await cast(DeadLetterQueue, self.source).dead_letter(messages, reason)
         self.metrics.dead_lettered.inc(len(messages))
-        self.log.warning("messages dead-lettered", **self._fields, reason=reason,
+        self.log.warning("messages dead-lettered", **self.fields, reason=reason,
                          message_ids=[m.id for m in messages])
 
     # -- invoke and settle -------------------------------------------------------------------
 
     async def _process(
-        self, batch: Batch, lease: Lease, heartbeat: Heartbeat
+        self, batch: Batch[Message], lease: Lease, heartbeat: Heartbeat, carry: _Carry
     ) -> list[Message] | None:
         """Invoke the batch; return the messages to delete (None: nothing to delete)."""
         metrics = self.metrics
-        messages = batch.messages
+        filtered, carry.filtered = carry.filtered, 0
+        dead_lettered, carry.dead_lettered = carry.dead_lettered, 0
+        messages = batch.records
         count = len(messages)
         event = sqs_event([m.encoded for m in messages])
         metrics.invoked_count += count
@@ -552,7 +454,7 @@ class QueueRunner:
                 if failed is None:
                     self.log.warning(
                         "invalid batchItemFailures response: the whole batch will be retried",
-                        **self._fields, request_id=result.request_id,
+                        **self.fields, requestId=result.request_id,
                         response=result.payload[:500].decode(errors="replace"),
                     )
                     failed = {m.id for m in messages}
@@ -566,7 +468,16 @@ class QueueRunner:
             done = [m for m in messages if m.id not in failed] if failed else messages
             if failed:
                 metrics.failed_invoke.inc(len(failed))
-            self._set_status("OK")
+            if failed or filtered or dead_lettered or self.log.enabled("debug"):
+                # One line per batch that did not simply succeed: a partial failure is
+                # otherwise invisible until its messages are dead-lettered, minutes later.
+                self.log.log(
+                    "info" if failed or filtered or dead_lettered else "debug",
+                    "batch settled", **self.fields, requestId=result.request_id,
+                    records=count, deleted=len(done), failed=len(failed or ()),
+                    filtered=filtered, deadLettered=dead_lettered,
+                )
+            self.health.set_status("OK")
             return done
 
         metrics.failed_invoke.inc(count)
@@ -575,13 +486,13 @@ class QueueRunner:
         else:
             counts.errors += 1
             metrics.errors.inc()
-        self._set_status("PROBLEM: Function call failed")
+        self.health.set_status("PROBLEM: Function call failed")
         error = result.error or {}
         self.log.warning(
             "invoke failed; the batch returns to the queue after its visibility timeout",
-            **self._fields, request_id=result.request_id, outcome=result.outcome.value,
-            error_type=error.get("errorType"), error_message=error.get("errorMessage"),
-            messages=count,
+            **self.fields, requestId=result.request_id, outcome=result.outcome.value,
+            errorType=error.get("errorType"), errorMessage=error.get("errorMessage"),
+            records=count, filtered=filtered, deadLettered=dead_lettered,
         )
         return None
 
@@ -599,7 +510,7 @@ class QueueRunner:
             # A bug or an unexpected client error (SourceErrors are retried and logged in
             # _delete_with_retries); the messages come back after their visibility timeout.
             self.log.error(f"deleting processed messages failed: {task.exception()!r}; they "
-                           "will be delivered again", **self._fields)
+                           "will be delivered again", **self.fields)
 
     async def _delete(self, messages: list[Message], heartbeat: Heartbeat) -> None:
         try:
@@ -613,89 +524,74 @@ class QueueRunner:
             try:
                 await self.source.delete(messages)
             except SourceError as exc:
-                self._source_failed("delete", exc)
+                self.health.failed("delete", exc)
                 if attempt == 2:
                     self.log.error(
                         "could not delete processed messages; they will be delivered again",
-                        **self._fields, messages=len(messages), error=str(exc),
+                        **self.fields, messages=len(messages), error=str(exc),
                     )
                     return
-                await asyncio.sleep(self._next_backoff())
+                await self.health.backoff()
             else:
                 self.metrics.deleted_count += len(messages)
                 return
 
 
 class _Carry:
-    """Messages a poller received but could not fit in its batch (the size cap), held for its
-    next batch. They all come from one receive: a batch takes what is held before it
-    receives again."""
+    """What a poller carries from one receive to its batch's settlement.
 
-    __slots__ = ("messages", "received_at")
+    ``messages``: received but held back by the size cap for the next batch (all from one
+    receive: a batch takes what is held before it receives again). ``filtered`` and
+    ``dead_lettered``: messages of the batch being gathered that were settled without an
+    invoke, for the batch's settlement line.
+    """
+
+    __slots__ = ("dead_lettered", "filtered", "messages", "received_at")
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.received_at = math.inf  # monotonic time of that receive
+        self.filtered = 0
+        self.dead_lettered = 0
 
 
-class Heartbeat:
-    """Keeps a batch's messages hidden from the first receive until the invoke ends.
-
-    Visibility runs from each message's receive, and a batch may gather for a whole batching
-    window before its invoke even starts; if the window plus the function timeout can outlast
-    the visibility timeout, the messages would reappear and run twice. Lambda asks users to
-    size the queue for that; we extend visibility instead (ChangeMessageVisibility).
-    """
-
-    __slots__ = ("_messages", "_received_at", "_runner", "_task")
-
-    def __init__(self, runner: QueueRunner) -> None:
-        self._runner = runner
-        self._messages: list[Message] = []
-        self._received_at = math.inf  # monotonic time of the oldest receive covered
-        self._task: asyncio.Task[None] | None = None
-
-    def cover(
-        self, messages: list[Message], invoke_starts_by: float, received_at: float = math.inf
-    ) -> None:
-        """Watch ``messages`` (a live list) if they could expire before the invoke ends.
-
-        ``received_at``: when the messages added since the last call were received (their
-        visibility clock started then); the default means none were added.
-        """
-        self._messages = messages
-        if received_at < self._received_at:
-            self._received_at = received_at
-        if self._task is not None:
-            return
-        runner = self._runner
-        visibility = runner.source.visibility_timeout_s
-        # Half the timeout (at most 5 s) of slack: a busy event loop may wake the beat late.
-        margin = min(5.0, visibility / 2)
-        expires = self._received_at + visibility
-        # An invoke cannot outlive the function timeout, so most batches need no heartbeat.
-        latest_end = max(invoke_starts_by, time.monotonic()) + runner.pool.config.timeout_s
-        if latest_end + margin < expires:
-            return
-        self._task = asyncio.get_running_loop().create_task(
-            self._beat(expires, visibility, margin)
+def build_queue_runner(
+    mapping: Mapping,
+    spec: SourceSpec,
+    pool: FunctionPool,
+    services: Services,
+    on_status: Callable[[str], None],
+) -> QueueRunner:
+    """The runner of a queue mapping, with concurrency that follows the backlog."""
+    opener = spec.kind.open
+    assert opener is not None, "build_runner starts only runnable kinds"
+    try:
+        source: QueueSource = opener(spec, source_context(services, mapping.uuid))
+        record_filter = (
+            compile_filter_criteria(mapping.filter_criteria) if mapping.filter_criteria else None
         )
-
-    def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    async def _beat(self, expires: float, visibility: float, margin: float) -> None:
-        runner = self._runner
-        while True:
-            await asyncio.sleep(max(expires - margin - time.monotonic(), 0))
-            try:
-                await runner.source.change_visibility(list(self._messages), visibility)
-            except SourceError as exc:
-                runner._source_failed("change_visibility", exc)
-                await asyncio.sleep(min(margin / 2, 1.0))
-                continue
-            expires = time.monotonic() + visibility
-            runner.log.debug("visibility extended", **runner._fields,
-                             messages=len(self._messages), visibility_timeout_s=visibility)
+    except (SourceError, ValueError) as exc:
+        raise RunnerError(str(exc)) from None
+    settings = QueueSettings(
+        uuid=mapping.uuid,
+        function_name=mapping.function_name,
+        batch_size=mapping.batch_size,
+        batching_window_s=mapping.batching_window_s,
+        report_batch_item_failures=mapping.report_batch_item_failures,
+        maximum_concurrency=mapping.maximum_concurrency,
+        max_payload_bytes=services.config.daemon.max_request_bytes,
+        filter=record_filter,
+    )
+    controller = ScalingController(
+        maximum=concurrency_bound(mapping.maximum_concurrency, pool),
+        batch_size=mapping.batch_size,
+    )
+    return QueueRunner(
+        settings,
+        source,
+        pool,
+        log=services.log,
+        metrics=MappingMetrics(mapping.uuid, mapping.function_name),
+        policy=ScaledConcurrency(controller),
+        on_status=on_status,
+    )

@@ -92,10 +92,6 @@ def frame(header: dict[str, Any], body: bytes = b"") -> bytes:
     return pack(_codec()[0](header), body)
 
 
-def decode_header(raw: bytes | memoryview | bytearray) -> dict[str, Any]:
-    return _codec()[1](raw)
-
-
 class FrameReader:
     """Incremental parser for worker -> daemon frames: feed it chunks, take out whole frames."""
 

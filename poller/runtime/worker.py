@@ -198,11 +198,6 @@ class PeakMemory:
         return self._peak_kb
 
 
-def max_rss_kb() -> int:
-    """ru_maxrss: includes what the process inherited at exec (see PeakMemory)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

@@ -19,6 +19,8 @@ URLs (the SQLAlchemy convention, plus the three-slash absolute form of config.ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -214,6 +216,10 @@ class SqliteStore:
                     f"{exc.strerror or exc}. Create it with write permission for this user, or "
                     "set [state] url in the config to a writable place."
                 ) from exc
+            with contextlib.suppress(OSError):  # sqlite3 reports a real problem below
+                # The registry may hold source passwords: a new file is its owner's alone
+                # (SQLite gives its -wal and -shm files the same mode).
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         target = str(self.path) if self.path is not None else MEMORY
         conn: sqlite3.Connection | None = None
         try:

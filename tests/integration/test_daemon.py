@@ -130,7 +130,7 @@ def test_local_queue_end_to_end_nothing_lost(
         f"""
         import asyncio, json
         from poller.state.sqlite import SqliteStore
-        from poller.sources.local import LocalQueue
+        from poller.sources.local.queue import LocalQueue
         async def main():
             store = SqliteStore("sqlite:///{tmp_path}/.poller/state.db")
             await store.open()
@@ -160,7 +160,7 @@ def test_local_queue_end_to_end_nothing_lost(
     assert "poller_invoke_duration_seconds_bucket" in text
     assert daemon.stop() == 0
     types = Counter(r.get("type") for r in daemon.log_records())
-    assert types["START"] == types["END"] == types["REPORT"] > 0
+    assert types["platform.start"] == types["platform.runtimeDone"] == types["platform.report"] > 0
 
 
 def test_mapping_changes_reach_running_daemon(
@@ -211,7 +211,7 @@ def test_sigterm_drains_in_flight_batch(
     config = write_config(tmp_path, port, extra, SLEEP="3")
     daemon = daemon_factory(config, port)
     cli(config, "send", "local://slowq", "--body", "drain-me")
-    wait_for(lambda: any(r.get("type") == "START" for r in daemon.log_records()), 10,
+    wait_for(lambda: any(r.get("type") == "platform.start" for r in daemon.log_records()), 10,
              "the slow invoke to start")
     started = time.monotonic()
     assert daemon.stop(signal.SIGTERM) == 0
@@ -328,7 +328,7 @@ def test_second_signal_exits_at_once_and_nothing_is_lost(
     config = write_config(tmp_path, port, extra, SLEEP="4")
     daemon = daemon_factory(config, port)
     cli(config, "send", "local://slowq", "--body", "interrupted")
-    wait_for(lambda: any(r.get("type") == "START" for r in daemon.log_records()), 10,
+    wait_for(lambda: any(r.get("type") == "platform.start" for r in daemon.log_records()), 10,
              "the slow invoke to start")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
@@ -389,8 +389,8 @@ def test_readme_quick_start(tmp_path: Path, daemon_factory: Callable[..., Daemon
     daemon = daemon_factory(config, port)
     cli(config, "send", "local://orders", "--body", '{"id": 1}')
     wait_for(
-        lambda: any(r.get("type") == "REPORT" and r.get("function") == "validate"
-                    and r.get("outcome") == "ok" for r in daemon.log_records()),
+        lambda: any(r.get("type") == "platform.report" and r.get("function") == "validate"
+                    and r.get("status") == "success" for r in daemon.log_records()),
         10, "the example mapping to invoke handlers.validate",
     )
     _, text = daemon.http("/metrics")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 import signal
 import textwrap
 import time
@@ -63,7 +64,8 @@ def test_two_daemons_share_registry_and_group(tmp_path: Path, redis_url: str) ->
         assert [m["UUID"] for m in listed] == [created["UUID"]]
 
         def started_at(daemon: DaemonProcess) -> float | None:
-            return next((r["time"] for r in daemon.log_records()
+            return next((datetime.fromisoformat(r["timestamp"]).timestamp()
+                         for r in daemon.log_records()
                          if r.get("message") == "mapping runner started"), None)
 
         for daemon in daemons:

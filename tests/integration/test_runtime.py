@@ -23,7 +23,8 @@ import pytest
 from poller.config import FunctionConfig
 from poller.logs import JsonLog
 from poller.runtime import pool as pool_module
-from poller.runtime.pool import Outcome, Runtime
+from poller.runtime.pool import Runtime
+from poller.runtime.results import Outcome
 
 HANDLERS = Path(__file__).resolve().parents[1] / "fixtures" / "handlers"
 REQUEST_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -50,7 +51,7 @@ class Logs:
         return [json.loads(line) for line in self.stream.getvalue().splitlines()]
 
     def for_request(self, request_id: str) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r.get("request_id") == request_id]
+        return [r for r in self.records() if r.get("requestId") == request_id]
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("type") == kind]
@@ -239,11 +240,11 @@ async def test_exception_shape_without_runtime_frames_and_env_stays_warm() -> No
     # The runtime logs the error the way awslambdaric does.
     records = logs.for_request(result.request_id)
     kinds = [r["type"] for r in records]
-    messages = [r["message"] for r in records[kinds.index("START"):] if r["type"] == "log"]
+    messages = [r["message"] for r in records[kinds.index("platform.start"):] if r["type"] == "function"]
     assert messages[:2] == ["[ERROR] ValueError: bad input", "Traceback (most recent call last):"]
     assert any("in _inner" in m for m in messages)
     report = logs.for_request(result.request_id)[-1]
-    assert report["type"] == "REPORT" and report["outcome"] == "function_error"
+    assert report["type"] == "platform.report" and report["status"] == "error"
 
 
 async def test_unserializable_result_is_a_marshal_error_and_env_stays_warm() -> None:
@@ -292,8 +293,8 @@ async def test_timeout_kills_the_process_group_and_the_env_is_not_reused() -> No
         # SIGKILL went to the whole process group: the handler's `sleep 60` is gone too.
         assert wait_dead(grandchild), "the handler's child survived the timeout"
         assert wait_dead(grandchild2)
-        report = logs.of_type("REPORT")[0]
-        assert report["outcome"] == "timeout"
+        report = logs.of_type("platform.report")[0]
+        assert report["status"] == "timeout"
         # A fresh environment served the next invoke (cold: it reports an init).
         assert again.init_ms is not None
 
@@ -314,7 +315,7 @@ async def test_memory_over_the_limit_is_killed_by_the_monitor() -> None:
     assert result.max_memory_mb > 128
     assert after.outcome is Outcome.OK and after.init_ms is not None
     report = logs.for_request(result.request_id)[-1]
-    assert report["outcome"] == "out_of_memory" and report["max_memory_used_mb"] > 128
+    assert report["status"] == "failure" and report["metrics"]["maxMemoryUsedMB"] > 128
 
 
 async def test_fast_memory_spike_is_caught_by_the_high_water_mark(
@@ -351,7 +352,7 @@ async def test_a_big_daemon_does_not_count_against_its_workers_memory() -> None:
     assert small.max_memory_mb < 60
     assert grown.outcome is Outcome.OK, grown.payload
     assert 60 < grown.max_memory_mb <= 128
-    assert logs.for_request(small.request_id)[-1]["max_memory_used_mb"] == small.max_memory_mb
+    assert logs.for_request(small.request_id)[-1]["metrics"]["maxMemoryUsedMB"] == small.max_memory_mb
 
 
 @pytest.mark.parametrize(
@@ -373,7 +374,7 @@ async def test_crash_is_an_exit_error_with_its_status(how: str, status: str) -> 
     assert result.log_lines is not None
     assert f"about to {how}" in result.log_lines
     kinds = [r["type"] for r in logs.for_request(result.request_id)]
-    assert kinds[-2:] == ["END", "REPORT"]
+    assert kinds[-2:] == ["platform.runtimeDone", "platform.report"]
     assert after.outcome is Outcome.OK and after.init_ms is not None
 
 
@@ -422,10 +423,10 @@ async def test_init_errors(handler: str, error_type: str, message: str) -> None:
     assert result.request_id
     # The failed invoke still has its START/END/REPORT, and the error is in its log.
     kinds = [r.get("type") for r in logs.for_request(result.request_id)]
-    assert kinds[-3:] == ["START", "END", "REPORT"]
+    assert kinds[-3:] == ["platform.start", "platform.runtimeDone", "platform.report"]
     report = logs.for_request(result.request_id)[-1]
-    assert report["outcome"] == "init_error" and report["error_type"] == error_type
-    assert "init_duration_ms" in report
+    assert report["status"] == "failure" and report["errorType"] == error_type
+    assert "initDurationMs" in report["metrics"]
     assert result.log_lines is not None
     assert f"[ERROR] {error_type}: {message}" in result.log_lines
     assert result.log_lines[-1].endswith(f"Status: error\tError Type: {error_type}")
@@ -586,26 +587,26 @@ async def test_log_lines_start_output_end_report_with_request_ids() -> None:
         records = logs.for_request(result.request_id)
         assert all(r["function"] == "logger" for r in records)
         kinds = [r["type"] for r in records]
-        messages = [r["message"] for r in records if r["type"] == "log"]
+        messages = [r["message"] for r in records if r["type"] == "function"]
         # Handler output sits between START and END, in order; the unterminated last line too.
         expected_output = ["line one", "line two", "via context.log", "no newline at the end"]
         if result is cold:
             # Module-level output belongs to the invoke that caused the cold start, before START.
-            assert kinds == ["log", "START", "log", "log", "log", "log", "END", "REPORT"]
+            assert kinds == ["function", "platform.start", "function", "function", "function", "function", "platform.runtimeDone", "platform.report"]
             assert messages == ["rt_handlers: module imported", *expected_output]
         else:
-            assert kinds == ["START", "log", "log", "log", "log", "END", "REPORT"]
+            assert kinds == ["platform.start", "function", "function", "function", "function", "platform.runtimeDone", "platform.report"]
             assert messages == expected_output
         report = records[-1]
-        assert report["duration_ms"] == pytest.approx(result.duration_ms, abs=0.01)
-        assert report["billed_duration_ms"] == max(math.ceil(result.duration_ms), 1)
-        assert report["memory_size_mb"] == 192
-        assert 5 < report["max_memory_used_mb"] <= 192
-        assert report["outcome"] == "ok"
+        assert report["metrics"]["durationMs"] == pytest.approx(result.duration_ms, abs=0.01)
+        assert report["metrics"]["billedDurationMs"] == max(math.ceil(result.duration_ms), 1)
+        assert report["metrics"]["memorySizeMB"] == 192
+        assert 5 < report["metrics"]["maxMemoryUsedMB"] <= 192
+        assert report["status"] == "success"
     cold_report = logs.for_request(cold.request_id)[-1]
     warm_report = logs.for_request(warm.request_id)[-1]
-    assert cold_report["init_duration_ms"] == pytest.approx(cold.init_ms, abs=0.01)
-    assert "init_duration_ms" not in warm_report
+    assert cold_report["metrics"]["initDurationMs"] == pytest.approx(cold.init_ms, abs=0.01)
+    assert "initDurationMs" not in warm_report["metrics"]
     # The text form (for --log-type Tail) follows Lambda's lines.
     assert cold.log_lines is not None and warm.log_lines is not None
     assert cold.log_lines[0] == "rt_handlers: module imported"
@@ -635,6 +636,6 @@ async def test_many_log_lines_all_arrive_before_end() -> None:
         result = await runtime.invoke("f", event({"lines": 5000}))
     records = logs.for_request(result.request_id)
     kinds = [r["type"] for r in records]
-    assert kinds.count("log") == 5001  # the module's own line at import, then the handler's
-    assert kinds.index("END") > max(i for i, k in enumerate(kinds) if k == "log")
+    assert kinds.count("function") == 5001  # the module's own line at import, then the handler's
+    assert kinds.index("platform.runtimeDone") > max(i for i, k in enumerate(kinds) if k == "function")
 

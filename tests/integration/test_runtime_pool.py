@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from test_runtime import alive, env_pids, event, fn, make_runtime, wait_dead
 
-from poller.runtime.pool import NOT_RUN, EnvState, Outcome
+from poller.runtime.environment import EnvState
+from poller.runtime.results import NOT_RUN, Outcome
 
 
 async def wait_for(
@@ -51,7 +52,7 @@ async def test_reserved_concurrency_throttles_at_once_while_a_slot_is_busy() -> 
         assert after.outcome is Outcome.OK
         assert json.loads(after.payload)["pid"] == json.loads(first.payload)["pid"]
     # A throttled invoke never ran: no START for it.
-    assert not [r for r in logs.for_request(throttled.request_id) if r.get("type") == "START"]
+    assert not [r for r in logs.for_request(throttled.request_id) if r.get("type") == "platform.start"]
 
 
 async def test_memory_budget_throttles_when_nothing_can_be_evicted() -> None:
@@ -159,7 +160,7 @@ async def test_provisioned_environments_start_with_the_runtime_and_report_no_ini
         # Init happened ahead of the invoke: no Init Duration, as Lambda reports it.
         assert result.init_ms is None
         report = logs.for_request(result.request_id)[-1]
-        assert report["type"] == "REPORT" and "init_duration_ms" not in report
+        assert report["type"] == "platform.report" and "initDurationMs" not in report["metrics"]
         assert result.log_lines is not None and "Init Duration" not in result.log_lines[-1]
         # idle_timeout_s does not apply to provisioned environments.
         await asyncio.sleep(1.0)

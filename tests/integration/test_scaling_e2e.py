@@ -40,7 +40,7 @@ from poller.logs import JsonLog
 from poller.metrics import MappingMetrics
 from poller.runtime.pool import Runtime
 from poller.sources.base import Depth, Message
-from poller.sources.local import LocalQueue
+from poller.sources.local.queue import LocalQueue
 from poller.state.sqlite import SqliteStore
 from tests.daemon_helpers import DaemonProcess, cli
 from tests.servers import free_port

@@ -8,11 +8,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.filtering import (
     ERROR_MESSAGE,
     FilterError,
     RecordFilter,
-    compile_filter_criteria,
     decode_base64_json,
     decode_json_text,
 )

@@ -1,17 +1,20 @@
-"""START/END/REPORT lines are pre-encoded for speed; they must match what encoding the records
-as dicts through JsonLog.emit writes, field for field and in the same order."""
+"""The platform records (Lambda's START/END/REPORT) are pre-encoded for speed; they must match
+what encoding the records as dicts through JsonLog.emit writes, field for field and in the same
+order, with Lambda's JSON log names and an ISO-8601 UTC timestamp."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 
 import msgspec
 import pytest
 
 from poller.config import FunctionConfig
 from poller.logs import JsonLog
-from poller.runtime.pool import InvokeResult, Outcome, PlatformLines
+from poller.runtime.platform import PlatformLines
+from poller.runtime.results import InvokeResult, Outcome
 
 _encode = msgspec.json.Encoder().encode
 
@@ -25,11 +28,11 @@ def _emitted(records: list[dict]) -> bytes:
 
 
 def _lines(data: bytes) -> list[tuple[list[str], dict]]:
-    """(key order, record without its time) per line."""
+    """(key order, record without its timestamp) per line."""
     out = []
     for line in data.splitlines():
         record = json.loads(line)
-        assert isinstance(record.pop("time"), float)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record.pop("timestamp"))
         out.append((list(json.loads(line)), record))
     return out
 
@@ -39,8 +42,8 @@ def test_start_line_matches_the_record() -> None:
     line = PlatformLines(cfg).start('odd "id"')
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert _lines(line) == _lines(_emitted([{
-        "time": 1.5, "level": "info", "function": "fn-1", "request_id": 'odd "id"',
-        "type": "START", "version": "$LATEST",
+        "timestamp": "2026-01-01T00:00:00.000Z", "level": "INFO", "function": "fn-1", "requestId": 'odd "id"',
+        "type": "platform.start", "version": "$LATEST",
     }]))
 
 
@@ -61,17 +64,21 @@ def test_end_and_report_lines_match_the_records(
     result = InvokeResult(outcome, payload, "rid-1", duration_ms=12.3456789, init_ms=init_ms,
                           max_memory_mb=42)
     data = PlatformLines(cfg).end_and_report(result, 13)
-    report = {
-        "time": 1.5, "level": "info", "function": "fn", "request_id": "rid-1", "type": "REPORT",
-        "outcome": outcome.value, "duration_ms": 12.346, "billed_duration_ms": 13,
-        "memory_size_mb": 256, "max_memory_used_mb": 42,
-    }
+    status = {Outcome.OK: "success", Outcome.FUNCTION_ERROR: "error",
+              Outcome.TIMEOUT: "timeout", Outcome.CRASHED: "failure"}[outcome]
+    metrics = {"durationMs": 12.346, "billedDurationMs": 13, "memorySizeMB": 256,
+               "maxMemoryUsedMB": 42}
     if init_ms is not None:
-        report["init_duration_ms"] = round(init_ms, 3)
+        metrics["initDurationMs"] = round(init_ms, 3)
+    report = {
+        "timestamp": "2026-01-01T00:00:00.000Z", "level": "INFO", "function": "fn", "requestId": "rid-1",
+        "type": "platform.report", "status": status, "metrics": metrics,
+    }
     if outcome is not Outcome.OK:
-        report["error_type"] = result.error_type
+        report["errorType"] = result.error_type
     expected = _emitted([
-        {"time": 1.5, "level": "info", "function": "fn", "request_id": "rid-1", "type": "END"},
+        {"timestamp": "2026-01-01T00:00:00.000Z", "level": "INFO", "function": "fn", "requestId": "rid-1",
+         "type": "platform.runtimeDone", "status": status},
         report,
     ])
     assert _lines(data) == _lines(expected)

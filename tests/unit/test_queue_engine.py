@@ -21,7 +21,7 @@ import pytest
 from poller.config import FunctionConfig
 from poller.engine import queue as queue_engine
 from poller.engine.batching import Batch, parse_batch_item_failures
-from poller.engine.filtering import compile_filter_criteria
+from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.queue import ConcurrencyPolicy, OutcomeCounts, QueueRunner, QueueSettings
 from poller.events import encode_record, sqs_record
 from poller.logs import JsonLog

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from poller.runtime.pool import InvokeResult, Outcome, new_request_id, throttled_result
+from poller.runtime.results import InvokeResult, Outcome, new_request_id, throttled_result
 
 
 def test_request_ids_are_unique_uuid4_text() -> None:
