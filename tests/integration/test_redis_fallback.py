@@ -6,8 +6,13 @@ that has redis-server (the rest of the suite uses it there).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
+import signal
+import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from tests.servers import (
     REDIS_CHOICE_ENV,
     MissingBinaryError,
     RedisServer,
+    TlsRedisServer,
     find_redis_binary,
 )
 
@@ -97,3 +103,39 @@ def test_an_unknown_choice_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=f"{REDIS_CHOICE_ENV}='valky' .* 'valkey'"):
         find_redis_binary()
 
+
+@needs_wheel
+@pytest.mark.usefixtures("no_redis_server")
+@pytest.mark.parametrize("started", [TlsRedisServer], indirect=True)
+def test_tls_proxy_in_front_of_the_wheel_valkey(started: TlsRedisServer) -> None:
+    server = started
+    assert not server.redis_binary.has_tls  # else this would test the server's own TLS
+    trusted = f"{server.url}?ssl_ca_certs={server.ca_file}"
+    with redis.Redis.from_url(trusted, socket_timeout=5) as client:
+        assert client.ping() is True
+        backend_pid = int(client.info("server")["process_id"])
+
+    # TLS only, with the test CA's certificate: no plain text, no system-trusted chain.
+    with socket.create_connection((server.host, server.port), timeout=5) as plain:
+        plain.sendall(b"*1\r\n$4\r\nPING\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            assert b"PONG" not in plain.recv(64)
+    with redis.Redis.from_url(server.url, socket_timeout=5) as untrusted, \
+            pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        untrusted.ping()
+
+    # The server dying alone takes the proxy down: a crash shows as a stopped server.
+    os.kill(backend_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while server.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.is_running()
+
+    port = server.port
+    server.start()
+    assert server.port == port
+    with redis.Redis.from_url(trusted, socket_timeout=5) as client:
+        assert client.ping() is True
+    # A graceful stop reaches the server through the proxy: both exit cleanly.
+    server.stop()
+    assert server.proc is not None and server.proc.returncode == 0
