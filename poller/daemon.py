@@ -33,6 +33,7 @@ from poller.logs import JsonLog
 from poller.mappings import Mapping, MappingError
 from poller.registry import Registry
 from poller.runtime.pool import Runtime
+from poller.sdnotify import Notifier
 from poller.sources import open_queue_source
 from poller.sources.base import SourceError
 from poller.state.base import StateError, StateStore, open_store
@@ -231,7 +232,11 @@ class Daemon:
                       functions=[f.name for f in config.functions])
         assert self.supervisor is not None
         watcher = loop.create_task(self.supervisor.watch(self.stopping))
+        systemd = Notifier(self.log)
+        announce = loop.create_task(systemd.ready_when(self.supervisor.ready))
         await self.stopping.wait()
+        announce.cancel()
+        systemd.stopping(config.daemon.shutdown_grace_s)
         self.log.info("draining: no new receives; waiting for in-flight invokes",
                       grace_s=config.daemon.shutdown_grace_s)
         started = time.monotonic()
