@@ -11,7 +11,7 @@ import pytest
 
 from poller.config import DaemonConfig, load_config
 from poller.state.sqlite import parse_url
-from tests.deploy.tools import DEPLOY, require, run
+from tests.deploy.tools import DEPLOY, ROOT, require, run
 
 UNIT = DEPLOY / "systemd" / "poller.service"
 CONFIG = DEPLOY / "systemd" / "config.toml"
@@ -101,3 +101,19 @@ def test_unit_and_config_agree() -> None:
     config = load_config(CONFIG)
     db = parse_url(config.state_url)
     assert db is not None and db.parent == Path("/var/lib") / state_dir, config.state_url
+
+
+def test_install_instructions_use_the_units_paths() -> None:
+    """README.md and deploy/README.md install to the paths the unit runs from."""
+    (start,) = UNIT_DIRECTIVES["ExecStart"]
+    executable, *_, config = start.split()
+    venv = executable.removesuffix("/bin/poller")
+    (environment,) = UNIT_DIRECTIVES["EnvironmentFile"]
+    (user,) = UNIT_DIRECTIVES["User"]
+    for readme in (ROOT / "README.md", DEPLOY / "README.md"):
+        text = readme.read_text()
+        for path in (f"python3 -m venv {venv}", f"{venv}/bin/pip install",
+                     f"deploy/systemd/config.toml {config}",
+                     f"/dev/null {environment.lstrip('-')}",
+                     f"--shell /usr/sbin/nologin {user}"):
+            assert path in text, f"{readme.name}: the systemd steps lack {path!r}"
