@@ -4,6 +4,8 @@ agrees with the config file beside it and with the daemon's defaults."""
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pytest
 
 from poller.config import DaemonConfig, load_config
 from poller.state.sqlite import parse_url
+from tests.daemon_helpers import POLLER, DaemonProcess, cli, wait_for
 from tests.deploy.tools import DEPLOY, ROOT, require, run
+from tests.servers import free_port
 
 UNIT = DEPLOY / "systemd" / "poller.service"
 CONFIG = DEPLOY / "systemd" / "config.toml"
@@ -117,3 +121,60 @@ def test_install_instructions_use_the_units_paths() -> None:
                      f"/dev/null {environment.lstrip('-')}",
                      f"--shell /usr/sbin/nologin {user}"):
             assert path in text, f"{readme.name}: the systemd steps lack {path!r}"
+
+
+def syscall_group(tool: str, group: str) -> set[str]:
+    """The system calls of a systemd group such as @system-service, nested groups expanded."""
+    result = run(tool, "syscall-filter", "--no-pager", group)
+    assert result.returncode == 0, result.stderr
+    names: set[str] = set()
+    for line in result.stdout.splitlines()[1:]:  # the first line is the group's own name
+        word = line.strip()
+        if word.startswith("@"):
+            names |= syscall_group(tool, word)
+        elif word and not word.startswith("#"):
+            names.add(word)
+    return names
+
+
+def test_daemon_runs_workers_under_the_units_syscall_filter(tmp_path: Path) -> None:
+    """The unit's SystemCallFilter= lines, resolved by systemd-analyze into an allow-list and
+    applied with seccomp (no systemd runs here), must let the daemon serve HTTP, spawn a
+    worker, invoke it and drain."""
+    tool = require("systemd-analyze")
+    allowed: set[str] = set()
+    for line in UNIT_DIRECTIVES["SystemCallFilter"]:
+        groups = line.removeprefix("~").split()
+        names = set().union(*(syscall_group(tool, group) for group in groups))
+        allowed = allowed - names if line.startswith("~") else allowed | names
+    assert "execve" in allowed and "setrlimit" not in allowed  # the lines were understood
+    (tmp_path / "allowed.txt").write_text("\n".join(sorted(allowed)))
+    under_filter = [sys.executable, Path(__file__).with_name("seccomp_exec.py"),
+                    tmp_path / "allowed.txt", "--"]
+    # The filter is in force: setpriority (@resources) is refused, as systemd would.
+    refused = run(*under_filter, sys.executable, "-c", "import os; os.setpriority(0, 0, 1)")
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr, refused
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nhttp_listen = "127.0.0.1:{port}"\nshutdown_grace_s = 5\n'
+        '[[functions]]\nname = "mark"\nhandler = "mark.handler"\n'
+        '[[mappings]]\nname = "jobs"\nfunction_name = "mark"\nevent_source_arn = "local://jobs"\n'
+    )
+    done = tmp_path / "handled"
+    (tmp_path / "mark.py").write_text(
+        f"def handler(event, context):\n    open({str(done)!r}, 'w').write('ok')\n"
+    )
+    cli(config, "send", "local://jobs", "--body", "hello")
+    daemon = DaemonProcess(config, port)
+    daemon.log = daemon.log_path.open("ab")
+    daemon.proc = subprocess.Popen(
+        [*under_filter, *POLLER, "run", "--config", str(config)],
+        stdout=daemon.log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    try:
+        daemon.wait_ready()
+        wait_for(done.exists, 20, "the handler to run in a worker under the filter")
+        assert daemon.stop() == 0, daemon.logs()[-3000:]
+    finally:
+        daemon.stop(signal.SIGKILL)
