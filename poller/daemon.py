@@ -28,6 +28,7 @@ from poller.mappings import Mapping, MappingError
 from poller.redaction import redact
 from poller.registry import Registry
 from poller.runtime.pool import Runtime
+from poller.sdnotify import Notifier
 from poller.state.base import StateError, StateStore, open_store
 
 # Fields that describe what a runner does; a change to any other field (status, timestamps)
@@ -191,7 +192,11 @@ class Daemon:
                       functions=[f.name for f in config.functions])
         assert self.supervisor is not None
         watcher = loop.create_task(self.supervisor.watch(self.stopping))
+        systemd = Notifier(self.log)
+        announce = loop.create_task(systemd.ready_when(self.supervisor.ready))
         await self.stopping.wait()
+        announce.cancel()
+        systemd.stopping(config.daemon.shutdown_grace_s)
         self.log.info("draining: no new receives; waiting for in-flight invokes",
                       grace_s=config.daemon.shutdown_grace_s)
         started = time.monotonic()
