@@ -61,7 +61,7 @@ def test_a_failed_send_is_logged_not_raised(tmp_path: Path) -> None:
     gone = tmp_path / "no-such-socket"
     sdnotify.Notifier(JsonLog(out), {"NOTIFY_SOCKET": str(gone)}).notify("READY=1")
     record = json.loads(out.getvalue())
-    assert record["level"] == "warning"
+    assert record["level"] == "WARN"
     assert str(gone) in record["message"] and record["sent"] == ["READY=1"]
 
 
