@@ -270,9 +270,7 @@ def cold_bare_import(code_dir: str, rounds: int) -> list[float]:
     walls = []
     for _ in range(rounds):
         started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-c", f"import {HANDLER_MODULE}"], cwd=code_dir, check=True
-        )
+        subprocess.run([sys.executable, "-c", f"import {HANDLER_MODULE}"], cwd=code_dir, check=True)
         walls.append(time.perf_counter() - started)
     return walls
 
@@ -291,16 +289,20 @@ def main() -> None:
         open(os.devnull, "wb") as devnull,
     ):
         Path(code_dir, f"{HANDLER_MODULE}.py").write_text(HANDLER_SOURCE)
-        print(f"python {sys.version.split()[0]} on {os.cpu_count()} cores; event {len(EVENT)} B; "
-              f"warm n={args.n} (+{args.warmup} warm-up), cold rounds={args.cold}")
+        print(
+            f"python {sys.version.split()[0]} on {os.cpu_count()} cores; event {len(EVENT)} B; "
+            f"warm n={args.n} (+{args.warmup} warm-up), cold rounds={args.cold}"
+        )
 
         results = uvloop.run(
             warm(code_dir, devnull, args.n, args.warmup, args.rounds, args.profile)
         )
         floor = results["floor"]
         print()
-        print(f"{'warm round trip':<32}{'median':>8}{'p99':>8}{'best round':>12}{'CPU/trip':>10}"
-              f"{'x floor (median / best)':>25}")
+        print(
+            f"{'warm round trip':<32}{'median':>8}{'p99':>8}{'best round':>12}{'CPU/trip':>10}"
+            f"{'x floor (median / best)':>25}"
+        )
         for label, kind in (
             ("(b) floor: bare pipe echo", "floor"),
             ("(d) worker alone, blocking I/O", "worker"),
@@ -310,13 +312,19 @@ def main() -> None:
             best = min(results[kind].round_medians) * 1e6
             x_med = med / summarize(floor.samples)[0]
             x_best = best / (min(floor.round_medians) * 1e6)
-            print(f"{label:<32}{med:>8.1f}{p99:>8.1f}{best:>12.1f}{results[kind].cpu_us():>10.1f}"
-                  f"{x_med:>15.2f}x /{x_best:>5.2f}x")
-        print("(us; best round = the lowest of the per-round medians, the quietest moment;"
-              " CPU/trip = both processes' CPU time per round trip)")
+            print(
+                f"{label:<32}{med:>8.1f}{p99:>8.1f}{best:>12.1f}{results[kind].cpu_us():>10.1f}"
+                f"{x_med:>15.2f}x /{x_best:>5.2f}x"
+            )
+        print(
+            "(us; best round = the lowest of the per-round medians, the quietest moment;"
+            " CPU/trip = both processes' CPU time per round trip)"
+        )
         ratio = summarize(results["runtime"].samples)[0] / summarize(floor.samples)[0]
-        print(f"warm ratio (median) {ratio:.2f}x (target <= 1.5x): "
-              f"{'met' if ratio <= 1.5 else 'MISSED'}")
+        print(
+            f"warm ratio (median) {ratio:.2f}x (target <= 1.5x): "
+            f"{'met' if ratio <= 1.5 else 'MISSED'}"
+        )
 
         bare = cold_bare_import(code_dir, args.cold)
         walls, inits = uvloop.run(cold_runtime(code_dir, devnull, args.cold))
@@ -325,11 +333,14 @@ def main() -> None:
         init_ms = statistics.median(inits) * 1000
         print()
         print(f"cold: python -c 'import {HANDLER_MODULE}'   median {bare_ms:7.1f} ms")
-        print(f"cold: spawn+init+first invoke     median {cold_ms:7.1f} ms "
-              f"(reported Init Duration {init_ms:.1f} ms)")
+        print(
+            f"cold: spawn+init+first invoke     median {cold_ms:7.1f} ms "
+            f"(reported Init Duration {init_ms:.1f} ms)"
+        )
         cold_ratio = cold_ms / bare_ms
-        print(f"cold ratio {cold_ratio:.2f}x (target <= 2x): "
-              f"{'met' if cold_ratio <= 2 else 'MISSED'}")
+        print(
+            f"cold ratio {cold_ratio:.2f}x (target <= 2x): {'met' if cold_ratio <= 2 else 'MISSED'}"
+        )
 
 
 if __name__ == "__main__":

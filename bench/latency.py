@@ -52,8 +52,13 @@ HANDLER = textwrap.dedent(
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     ordered = sorted(samples_ms)
     quantiles = statistics.quantiles(ordered, n=100, method="inclusive")
-    return {"n": len(ordered), "p50": quantiles[49], "p90": quantiles[89],
-            "p99": quantiles[98], "max": ordered[-1]}
+    return {
+        "n": len(ordered),
+        "p50": quantiles[49],
+        "p90": quantiles[89],
+        "p99": quantiles[98],
+        "max": ordered[-1],
+    }
 
 
 def raw_consumer(url: str, stop: threading.Event, out: list[float]) -> None:
@@ -87,8 +92,9 @@ def main() -> None:
         port = free_port()
         source = server.url.replace("redis://", "redis-queue://") + f"/{STREAM}?group=poller"
         config = workdir / "config.toml"
-        config.write_text(textwrap.dedent(
-            f"""
+        config.write_text(
+            textwrap.dedent(
+                f"""
             [daemon]
             http_listen = "127.0.0.1:{port}"
             log_level = "warning"
@@ -108,11 +114,13 @@ def main() -> None:
             event_source_arn = "{source}"
             batch_size = 1
             """
-        ))
+            )
+        )
         log = (workdir / "daemon.log").open("wb")
         daemon = subprocess.Popen(
             [sys.executable, "-m", "poller.cli", "run", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         raw_samples: list[float] = []
         stop = threading.Event()
@@ -147,12 +155,16 @@ def main() -> None:
         poller_samples = [float(x) for x in out.read_text().split()] if out.exists() else []
         raw = percentiles(raw_samples[warm:])
         ours = percentiles(poller_samples[warm:])
-        print(f"{args.rate:g} msg/s for {args.seconds:g} s (after {args.warmup:g} s warm-up); "
-              f"batch size 1, no window; {os.cpu_count()} CPUs")
+        print(
+            f"{args.rate:g} msg/s for {args.seconds:g} s (after {args.warmup:g} s warm-up); "
+            f"batch size 1, no window; {os.cpu_count()} CPUs"
+        )
         print(f"{'':8} {'n':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
         for name, row in (("raw", raw), ("poller", ours)):
-            print(f"{name:8} {row['n']:>6.0f} {row['p50']:>8.3f} {row['p90']:>8.3f} "
-                  f"{row['p99']:>8.3f} {row['max']:>8.3f}")
+            print(
+                f"{name:8} {row['n']:>6.0f} {row['p50']:>8.3f} {row['p90']:>8.3f} "
+                f"{row['p99']:>8.3f} {row['max']:>8.3f}"
+            )
         gap = ours["p99"] - raw["p99"]
         print(f"p99 gap: {gap:.3f} ms (target <= 2 ms: {'met' if gap <= 2 else 'missed'})")
 

@@ -98,15 +98,23 @@ def group_state(client: redis.Redis, group: str) -> tuple[int, int]:
     raise SystemExit(f"group {group} vanished")
 
 
-def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entries: int,
-                 redis_pid: int, group: str) -> tuple[float, dict[str, float]]:
+def poller_drain(
+    client: redis.Redis,
+    url: str,
+    batch: int,
+    workdir: Path,
+    entries: int,
+    redis_pid: int,
+    group: str,
+) -> tuple[float, dict[str, float]]:
     client.xgroup_create(STREAM, group, id="0")
     port = free_port()
     (workdir / "noop.py").write_text("def handler(event, context):\n    return None\n")
     window = 0 if batch <= 10 else 1
     config = workdir / f"{group}.toml"
-    config.write_text(textwrap.dedent(
-        f"""
+    config.write_text(
+        textwrap.dedent(
+            f"""
         [daemon]
         http_listen = "127.0.0.1:{port}"
         log_level = "warning"
@@ -127,10 +135,14 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entri
         batch_size = {batch}
         maximum_batching_window_in_seconds = {window}
         """
-    ))
+        )
+    )
     log = (workdir / f"daemon-{group}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "poller.cli", "run", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poller.cli", "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     # The clock starts at the first delivery: daemon start-up (imports, state store) is not
     # part of draining, and the raw loop has none.
     started: float | None = None
@@ -143,8 +155,11 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entri
             now = time.perf_counter()
             if started is None and (pending or lag < entries):
                 started = now
-                cpu_before = [cpu_seconds([proc.pid]), cpu_seconds(children(proc.pid)),
-                              cpu_seconds([redis_pid])]
+                cpu_before = [
+                    cpu_seconds([proc.pid]),
+                    cpu_seconds(children(proc.pid)),
+                    cpu_seconds([redis_pid]),
+                ]
             if started is not None and pending == 0 and lag == 0:
                 break
             if started is not None and now >= next_sample:
@@ -155,11 +170,15 @@ def poller_drain(client: redis.Redis, url: str, batch: int, workdir: Path, entri
                 raise SystemExit(f"daemon exited: see {log.name}")
             time.sleep(0.005)
         elapsed = now - started
-        cpu_after = [cpu_seconds([proc.pid]), cpu_seconds(children(proc.pid)),
-                     cpu_seconds([redis_pid])]
+        cpu_after = [
+            cpu_seconds([proc.pid]),
+            cpu_seconds(children(proc.pid)),
+            cpu_seconds([redis_pid]),
+        ]
         stats = scrape(port)
-        for name, before, after in zip(("daemon", "workers", "redis"), cpu_before, cpu_after,
-                                       strict=True):
+        for name, before, after in zip(
+            ("daemon", "workers", "redis"), cpu_before, cpu_after, strict=True
+        ):
             stats[f"cpu_{name}"] = cpu_used(before, after)
         if targets:
             stats["target_peak"] = max(targets)
@@ -188,8 +207,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--batch-sizes", default="1,10,100")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="raw/poller run pairs per batch size (median ratio reported)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="raw/poller run pairs per batch size (median ratio reported)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="poller-bench-") as tmp:
@@ -197,10 +220,14 @@ def main() -> None:
         server = RedisServer(workdir / "redis")
         server.start()
         client = redis.Redis.from_url(server.url)
-        print(f"redis-server {client.info()['redis_version']} on {server.url}; "
-              f"{args.entries} entries of {len(BODY)} bytes; {os.cpu_count()} CPUs")
-        print(f"{'batch':>5} {'run':>3} {'raw rec/s':>11} {'poller rec/s':>13} {'ratio':>6} "
-              f"{'invokes':>8}  target concurrency: mean / peak / at the end")
+        print(
+            f"redis-server {client.info()['redis_version']} on {server.url}; "
+            f"{args.entries} entries of {len(BODY)} bytes; {os.cpu_count()} CPUs"
+        )
+        print(
+            f"{'batch':>5} {'run':>3} {'raw rec/s':>11} {'poller rec/s':>13} {'ratio':>6} "
+            f"{'invokes':>8}  target concurrency: mean / peak / at the end"
+        )
         results = []
         try:
             for batch in sizes:
@@ -212,31 +239,51 @@ def main() -> None:
                     raw_first = run % 2 == 0
                     if raw_first:
                         raw_s = raw_drain(client, batch, f"raw-{batch}-{run}")
-                    poller_s, stats = poller_drain(client, server.url, batch, workdir,
-                                                   args.entries, server.proc.pid,
-                                                   f"poller-{batch}-{run}")
+                    poller_s, stats = poller_drain(
+                        client,
+                        server.url,
+                        batch,
+                        workdir,
+                        args.entries,
+                        server.proc.pid,
+                        f"poller-{batch}-{run}",
+                    )
                     if not raw_first:
                         raw_s = raw_drain(client, batch, f"raw-{batch}-{run}")
                     raw_rate = args.entries / raw_s
                     poller_rate = args.entries / poller_s
                     ratios.append(poller_rate / raw_rate)
-                    print(f"{batch:>5} {run + 1:>3} {raw_rate:>11,.0f} {poller_rate:>13,.0f} "
-                          f"{poller_rate / raw_rate:>5.2f}x "
-                          f"{stats.get('poller_invocations_total', 0):>8,.0f}  "
-                          f"{stats.get('target_mean', 0):.1f} / "
-                          f"{stats.get('target_peak', 0):.0f} / "
-                          f"{stats.get('poller_mapping_concurrency_target', 0):.0f}")
+                    print(
+                        f"{batch:>5} {run + 1:>3} {raw_rate:>11,.0f} {poller_rate:>13,.0f} "
+                        f"{poller_rate / raw_rate:>5.2f}x "
+                        f"{stats.get('poller_invocations_total', 0):>8,.0f}  "
+                        f"{stats.get('target_mean', 0):.1f} / "
+                        f"{stats.get('target_peak', 0):.0f} / "
+                        f"{stats.get('poller_mapping_concurrency_target', 0):.0f}"
+                    )
                     cpu = {k[4:]: round(v, 2) for k, v in stats.items() if k.startswith("cpu_")}
-                    per_record = ", ".join(f"{k} {v / args.entries * 1e6:.1f} us"
-                                           for k, v in cpu.items())
-                    print(f"          poller CPU during the drain ({poller_s:.2f} s x "
-                          f"{os.cpu_count()} cores): per record {per_record}")
-                    results.append({"batch": batch, "run": run + 1, "raw_per_s": raw_rate,
-                                    "poller_per_s": poller_rate, "cpu_s": cpu})
+                    per_record = ", ".join(
+                        f"{k} {v / args.entries * 1e6:.1f} us" for k, v in cpu.items()
+                    )
+                    print(
+                        f"          poller CPU during the drain ({poller_s:.2f} s x "
+                        f"{os.cpu_count()} cores): per record {per_record}"
+                    )
+                    results.append(
+                        {
+                            "batch": batch,
+                            "run": run + 1,
+                            "raw_per_s": raw_rate,
+                            "poller_per_s": poller_rate,
+                            "cpu_s": cpu,
+                        }
+                    )
                 target = {1: ">= 2x", 100: ">= 0.6x"}.get(batch, "(no target)")
-                print(f"{batch:>5} median ratio {statistics.median(ratios):.2f}x "
-                      f"[{min(ratios):.2f}-{max(ratios):.2f}] over {len(ratios)} runs; "
-                      f"target {target}")
+                print(
+                    f"{batch:>5} median ratio {statistics.median(ratios):.2f}x "
+                    f"[{min(ratios):.2f}-{max(ratios):.2f}] over {len(ratios)} runs; "
+                    f"target {target}"
+                )
         finally:
             client.close()
             server.stop()

@@ -266,11 +266,19 @@ async def step_run(
     bound = concurrency_bound(concurrency, pool)
     controller = ScalingController(maximum=bound, batch_size=batch_size)
     runner = QueueRunner(
-        settings, queue, pool, log=log, metrics=MappingMetrics(settings.uuid, "sleeper"),
+        settings,
+        queue,
+        pool,
+        log=log,
+        metrics=MappingMetrics(settings.uuid, "sleeper"),
         policy=ScaledConcurrency(controller),
     )
     result = StepResult(
-        label, messages, batch_size, sleep_s, bound,
+        label,
+        messages,
+        batch_size,
+        sleep_s,
+        bound,
         ideal_s=math.ceil(messages / batch_size) * sleep_s / bound,
     )
     task = asyncio.get_running_loop().create_task(runner.run())
@@ -305,8 +313,7 @@ async def step_run(
                 drained_at = queue.last_delete_at
                 cpu1, wcpu1 = os.times(), workers_cpu(runtime)
                 store_stats = queue.snapshot()
-            if drained_at is not None and (runner.target <= IDLE_MINIMUM
-                                           or now - drained_at > 30):
+            if drained_at is not None and (runner.target <= IDLE_MINIMUM or now - drained_at > 30):
                 break
             if now > limit:
                 break
@@ -334,14 +341,17 @@ async def step_run(
         last = next((s for s in trace if s[3] >= 0.9 * messages), None)
         if first is not None and last is not None and last[0] > first[0]:
             result.mid_rate = (last[3] - first[3]) / batch_size / (last[0] - first[0])
-        result.init_ms = sorted(e.init_ms for e in seen_envs if e.init_ms is not None
-                                and not e.provisioned)
+        result.init_ms = sorted(
+            e.init_ms for e in seen_envs if e.init_ms is not None and not e.provisioned
+        )
         result.lost = (await queue.depth()).backlog
         result.redelivered = max(queue.received_messages - messages, 0)
         lags = sorted(lag.samples)
         if lags:
-            result.loop_lag_ms = (statistics.median(lags) * 1e3,
-                                  lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1e3)
+            result.loop_lag_ms = (
+                statistics.median(lags) * 1e3,
+                lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1e3,
+            )
         result.store = store_stats
     finally:
         await lag.stop()
@@ -384,8 +394,9 @@ async def queue_floor(workdir: Path, *, messages: int, batch_size: int, tasks: i
 # -- report ---------------------------------------------------------------------------------------
 
 
-def plot(trace: list[tuple[float, int, int, int]], bound: int, *, width: int = 72,
-         height: int = 10) -> str:
+def plot(
+    trace: list[tuple[float, int, int, int]], bound: int, *, width: int = 72, height: int = 10
+) -> str:
     """Time across, concurrency up. '#': mean in-flight invokes over the column's samples;
     '-': the controller's target (its last value in the column); '+': both."""
     if not trace:
@@ -415,8 +426,9 @@ def plot(trace: list[tuple[float, int, int, int]], bound: int, *, width: int = 7
     ticks = [" "] * width
     labels = [" "] * (width + 8)
     # Label every 1, 2, 5, 10 ... seconds, whichever leaves room for the widest label.
-    spacing = next(n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-                   if n / step >= len(f"{int(end)}s") + 1)
+    spacing = next(
+        n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if n / step >= len(f"{int(end)}s") + 1
+    )
     for second in range(0, int(end) + 1, spacing):
         c = int(second / step)
         if c >= width:
@@ -435,26 +447,35 @@ def fmt(value: float | None, unit: str = "s") -> str:
 
 
 def report(r: StepResult) -> None:
-    print(f"\n== step, {r.label}: {r.messages} messages, batch {r.batch_size}, "
-          f"{r.sleep_s * 1000:.0f} ms handler, bound {r.bound} ==")
+    print(
+        f"\n== step, {r.label}: {r.messages} messages, batch {r.batch_size}, "
+        f"{r.sleep_s * 1000:.0f} ms handler, bound {r.bound} =="
+    )
     print(f"  send (t0 -> all enqueued)           {fmt(r.send_s)}")
     print(f"  {f'target reached {r.bound}':<36}{fmt(r.target_at)}")
     print(f"  {f'in-flight invokes reached {r.bound}':<36}{fmt(r.concurrency_at)}")
-    print(f"  drain (t0 -> last delete)           {fmt(r.drain_s)}   ideal {r.ideal_s:.2f} s"
-          f"   ratio {r.drain_s / r.ideal_s:.2f}x")
+    print(
+        f"  drain (t0 -> last delete)           {fmt(r.drain_s)}   ideal {r.ideal_s:.2f} s"
+        f"   ratio {r.drain_s / r.ideal_s:.2f}x"
+    )
     print(f"  mean in-flight once at the bound    {r.mean_in_flight:.1f} of {r.bound}")
     rate = "n/a" if r.mid_rate is None else f"{r.mid_rate:.0f}"
-    print(f"  batches/s, 10 % -> 90 % deleted     {rate}   (ideal "
-          f"{r.bound / r.sleep_s:.0f})")
+    print(f"  batches/s, 10 % -> 90 % deleted     {rate}   (ideal {r.bound / r.sleep_s:.0f})")
     print(f"  target back at idle minimum         {fmt(r.idle_after_drain_s)} after the drain")
     print(f"  messages left / received twice      {r.lost} / {r.redelivered}")
     if r.init_ms:
-        print(f"  cold starts                         {len(r.init_ms)}, init median "
-              f"{statistics.median(r.init_ms):.0f} ms, max {r.init_ms[-1]:.0f} ms")
-    print(f"  CPU during the drain                daemon process {r.daemon_cpu_s:.2f} s, "
-          f"workers {r.workers_cpu_s:.2f} s, of {2 * r.drain_s:.2f} CPU-s (2 cores x wall)")
-    print(f"  event-loop lag (5 ms timer)         median {r.loop_lag_ms[0]:.2f} ms, "
-          f"p99 {r.loop_lag_ms[1]:.2f} ms")
+        print(
+            f"  cold starts                         {len(r.init_ms)}, init median "
+            f"{statistics.median(r.init_ms):.0f} ms, max {r.init_ms[-1]:.0f} ms"
+        )
+    print(
+        f"  CPU during the drain                daemon process {r.daemon_cpu_s:.2f} s, "
+        f"workers {r.workers_cpu_s:.2f} s, of {2 * r.drain_s:.2f} CPU-s (2 cores x wall)"
+    )
+    print(
+        f"  event-loop lag (5 ms timer)         median {r.loop_lag_ms[0]:.2f} ms, "
+        f"p99 {r.loop_lag_ms[1]:.2f} ms"
+    )
     print("  SQLite thread until the drain:      calls   busy s   median await ms")
     for name, (count, busy, wait) in sorted(r.store.items()):
         print(f"    {name:<32}{count:7d} {busy:8.2f} {wait * 1e3:12.2f}")
@@ -472,36 +493,51 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def measure(args: argparse.Namespace, workdir: Path) -> None:
-    common = {"messages": args.messages, "batch_size": args.batch_size,
-              "concurrency": args.concurrency}
+    common = {
+        "messages": args.messages,
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+    }
     batches = math.ceil(args.messages / args.batch_size)
     ideal = batches * args.sleep / args.concurrency
-    print(f"ideal drain = ceil({args.messages} / {args.batch_size}) x {args.sleep} s / "
-          f"{args.concurrency} = {ideal:.2f} s, i.e. {batches / ideal:.0f} batches/s")
+    print(
+        f"ideal drain = ceil({args.messages} / {args.batch_size}) x {args.sleep} s / "
+        f"{args.concurrency} = {ideal:.2f} s, i.e. {batches / ideal:.0f} batches/s"
+    )
     if not args.no_floors:
-        rate = await queue_floor(workdir, messages=args.messages,
-                                 batch_size=args.batch_size, tasks=args.concurrency)
-        print(f"queue floor:    {rate:5.0f} batches/s (receive + delete, "
-              f"{args.concurrency} tasks, no invoke)")
-        floor = await step_run("pipeline floor", workdir, sleep_s=0.0, provisioned=True,
-                               **common)
-        print(f"pipeline floor: {batches / floor.drain_s:5.0f} batches/s "
-              f"(0 ms handler, warm; drain {floor.drain_s:.2f} s incl. ramp; daemon "
-              f"process CPU {floor.daemon_cpu_s:.2f} s)")
+        rate = await queue_floor(
+            workdir, messages=args.messages, batch_size=args.batch_size, tasks=args.concurrency
+        )
+        print(
+            f"queue floor:    {rate:5.0f} batches/s (receive + delete, "
+            f"{args.concurrency} tasks, no invoke)"
+        )
+        floor = await step_run("pipeline floor", workdir, sleep_s=0.0, provisioned=True, **common)
+        print(
+            f"pipeline floor: {batches / floor.drain_s:5.0f} batches/s "
+            f"(0 ms handler, warm; drain {floor.drain_s:.2f} s incl. ramp; daemon "
+            f"process CPU {floor.daemon_cpu_s:.2f} s)"
+        )
     modes = ["cold", "warm"] if args.mode == "both" else [args.mode]
     results: dict[str, list[StepResult]] = defaultdict(list)
     for repeat in range(args.repeat):
         for mode in modes:
-            label = "cold (no environment at t0)" if mode == "cold" else (
-                f"warm (provisioned_concurrency = {args.concurrency})")
-            r = await step_run(label, workdir, sleep_s=args.sleep,
-                               provisioned=mode == "warm", **common)
+            label = (
+                "cold (no environment at t0)"
+                if mode == "cold"
+                else (f"warm (provisioned_concurrency = {args.concurrency})")
+            )
+            r = await step_run(
+                label, workdir, sleep_s=args.sleep, provisioned=mode == "warm", **common
+            )
             results[mode].append(r)
             if repeat == args.repeat - 1:
                 report(r)
     print(f"\n== summary: {args.repeat} run(s) each, interleaved; median [min-max] ==")
-    print(f"{'mode':<6}{'target@bound s':>22}{'in-flight@bound s':>22}"
-          f"{'drain s':>22}{'drain/ideal':>20}{'batches/s mid':>18}")
+    print(
+        f"{'mode':<6}{'target@bound s':>22}{'in-flight@bound s':>22}"
+        f"{'drain s':>22}{'drain/ideal':>20}{'batches/s mid':>18}"
+    )
 
     def cell(values: list[float | None], digits: int = 2) -> str:
         known = sorted(v for v in values if v is not None)
@@ -512,11 +548,13 @@ async def measure(args: argparse.Namespace, workdir: Path) -> None:
         return text + ("*" if len(known) < len(values) else "")  # *: some runs never got there
 
     for mode, runs in results.items():
-        print(f"{mode:<6}{cell([r.target_at for r in runs]):>22}"
-              f"{cell([r.concurrency_at for r in runs]):>22}"
-              f"{cell([r.drain_s for r in runs]):>22}"
-              f"{cell([r.drain_s / r.ideal_s for r in runs]):>20}"
-              f"{cell([r.mid_rate for r in runs], 0):>18}")
+        print(
+            f"{mode:<6}{cell([r.target_at for r in runs]):>22}"
+            f"{cell([r.concurrency_at for r in runs]):>22}"
+            f"{cell([r.drain_s for r in runs]):>22}"
+            f"{cell([r.drain_s / r.ideal_s for r in runs]):>20}"
+            f"{cell([r.mid_rate for r in runs], 0):>18}"
+        )
 
 
 if __name__ == "__main__":

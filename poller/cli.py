@@ -80,8 +80,9 @@ def invoke(
     ] = None,
     payload_file: Annotated[
         Path | None,
-        typer.Option(help="Read the event JSON from this file ('-' for stdin).",
-                     show_default=False),
+        typer.Option(
+            help="Read the event JSON from this file ('-' for stdin).", show_default=False
+        ),
     ] = None,
     log_type: Annotated[
         str | None,
@@ -154,7 +155,6 @@ def functions_list(config: ConfigOption = None) -> None:
         )
 
 
-
 # -- run --------------------------------------------------------------------------------------
 
 
@@ -225,8 +225,14 @@ def _show(cfg: Config, mappings: list[Any], output: str, single: bool) -> None:
     if output == "json":
         print_json(shapes[0] if single else {"EventSourceMappings": shapes})
         return
-    columns = ("UUID", "State", "FunctionName", "EventSourceArn", "BatchSize",
-               "LastProcessingResult")
+    columns = (
+        "UUID",
+        "State",
+        "FunctionName",
+        "EventSourceArn",
+        "BatchSize",
+        "LastProcessingResult",
+    )
     rows = [[str(shape.get(c, "")) for c in columns] for shape in shapes]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
@@ -245,29 +251,54 @@ def mappings_create(
         str,
         typer.Option(help="The event source: " + "; ".join(_source_forms()) + "."),
     ],
-    batch_size: Annotated[int | None, typer.Option(
-        help="Records per invoke (1-10000; queues default 10).", show_default=False)] = None,
-    maximum_batching_window_in_seconds: Annotated[int | None, typer.Option(
-        help="Seconds to gather a batch (0-300; needed >= 1 when batch size > 10).",
-        show_default=False)] = None,
-    function_response_types: Annotated[list[str] | None, typer.Option(
-        help="ReportBatchItemFailures to honour partial batch responses.",
-        show_default=False)] = None,
-    filter_criteria: Annotated[str | None, typer.Option(
-        help='JSON: {"Filters": [{"Pattern": "{\\"body\\": ...}"}]}.',
-        show_default=False)] = None,
-    scaling_config: Annotated[str | None, typer.Option(
-        help='JSON: {"MaximumConcurrency": 2-1000}.', show_default=False)] = None,
-    destination_config: Annotated[str | None, typer.Option(
-        help='JSON: {"OnFailure": {"Destination": "..."}} (streams only).',
-        show_default=False)] = None,
-    starting_position: Annotated[str | None, typer.Option(
-        help="TRIM_HORIZON, LATEST or AT_TIMESTAMP (streams).", show_default=False)] = None,
-    enabled: Annotated[bool, typer.Option(
-        "--enabled/--no-enabled", help="Start polling at once, or create it disabled.")] = True,
-    name: Annotated[str | None, typer.Option(
-        help="A stable name of your own (config-declared mappings use it).",
-        show_default=False)] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Records per invoke (1-10000; queues default 10).", show_default=False),
+    ] = None,
+    maximum_batching_window_in_seconds: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds to gather a batch (0-300; needed >= 1 when batch size > 10).",
+            show_default=False,
+        ),
+    ] = None,
+    function_response_types: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="ReportBatchItemFailures to honour partial batch responses.", show_default=False
+        ),
+    ] = None,
+    filter_criteria: Annotated[
+        str | None,
+        typer.Option(
+            help='JSON: {"Filters": [{"Pattern": "{\\"body\\": ...}"}]}.', show_default=False
+        ),
+    ] = None,
+    scaling_config: Annotated[
+        str | None, typer.Option(help='JSON: {"MaximumConcurrency": 2-1000}.', show_default=False)
+    ] = None,
+    destination_config: Annotated[
+        str | None,
+        typer.Option(
+            help='JSON: {"OnFailure": {"Destination": "..."}} (streams only).', show_default=False
+        ),
+    ] = None,
+    starting_position: Annotated[
+        str | None,
+        typer.Option(help="TRIM_HORIZON, LATEST or AT_TIMESTAMP (streams).", show_default=False),
+    ] = None,
+    enabled: Annotated[
+        bool,
+        typer.Option(
+            "--enabled/--no-enabled", help="Start polling at once, or create it disabled."
+        ),
+    ] = True,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="A stable name of your own (config-declared mappings use it).", show_default=False
+        ),
+    ] = None,
     output: OutputOption = "json",
     config: ConfigOption = None,
 ) -> None:
@@ -302,23 +333,27 @@ def _warn_unknown_function(cfg: Config, function_name: str) -> None:
     if function_name not in {f.name for f in cfg.functions}:
         typer.echo(
             f"warning: function {function_name!r} is not in {cfg.path}; the daemon will report "
-            "the mapping as a PROBLEM until it is added under [[functions]]", err=True,
+            "the mapping as a PROBLEM until it is added under [[functions]]",
+            err=True,
         )
 
 
 @mappings_app.command("list")
 def mappings_list(
-    function_name: Annotated[str | None, typer.Option(help="Only this function's.",
-                                                      show_default=False)] = None,
-    event_source_arn: Annotated[str | None, typer.Option(help="Only this source's.",
-                                                         show_default=False)] = None,
+    function_name: Annotated[
+        str | None, typer.Option(help="Only this function's.", show_default=False)
+    ] = None,
+    event_source_arn: Annotated[
+        str | None, typer.Option(help="Only this source's.", show_default=False)
+    ] = None,
     output: OutputOption = "json",
     config: ConfigOption = None,
 ) -> None:
     """List mappings."""
     cfg = load(config)
     mappings = _registry_call(
-        cfg, "ListEventSourceMappings",
+        cfg,
+        "ListEventSourceMappings",
         lambda r: r.list(function_name=function_name, event_source_arn=event_source_arn),
     )
     _show(cfg, mappings, output, single=False)
@@ -328,8 +363,9 @@ UuidArgument = Annotated[str, typer.Argument(help="The mapping's UUID.")]
 
 
 @mappings_app.command("get")
-def mappings_get(uuid: UuidArgument, output: OutputOption = "json",
-                 config: ConfigOption = None) -> None:
+def mappings_get(
+    uuid: UuidArgument, output: OutputOption = "json", config: ConfigOption = None
+) -> None:
     """Show one mapping."""
     cfg = load(config)
     mapping = _registry_call(cfg, "GetEventSourceMapping", lambda r: r.get(uuid))
@@ -339,20 +375,28 @@ def mappings_get(uuid: UuidArgument, output: OutputOption = "json",
 @mappings_app.command("update")
 def mappings_update(
     uuid: UuidArgument,
-    function_name: Annotated[str | None, typer.Option(help="Invoke another function.",
-                                                      show_default=False)] = None,
+    function_name: Annotated[
+        str | None, typer.Option(help="Invoke another function.", show_default=False)
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(show_default=False)] = None,
-    maximum_batching_window_in_seconds: Annotated[int | None, typer.Option(
-        show_default=False)] = None,
-    function_response_types: Annotated[list[str] | None, typer.Option(
-        help="ReportBatchItemFailures, or '' to clear.", show_default=False)] = None,
-    filter_criteria: Annotated[str | None, typer.Option(
-        help="JSON; '{}' removes the filters.", show_default=False)] = None,
-    scaling_config: Annotated[str | None, typer.Option(
-        help="JSON; '{}' removes the limit.", show_default=False)] = None,
+    maximum_batching_window_in_seconds: Annotated[
+        int | None, typer.Option(show_default=False)
+    ] = None,
+    function_response_types: Annotated[
+        list[str] | None,
+        typer.Option(help="ReportBatchItemFailures, or '' to clear.", show_default=False),
+    ] = None,
+    filter_criteria: Annotated[
+        str | None, typer.Option(help="JSON; '{}' removes the filters.", show_default=False)
+    ] = None,
+    scaling_config: Annotated[
+        str | None, typer.Option(help="JSON; '{}' removes the limit.", show_default=False)
+    ] = None,
     destination_config: Annotated[str | None, typer.Option(show_default=False)] = None,
-    enabled: Annotated[bool | None, typer.Option(
-        "--enabled/--no-enabled", help="Resume or pause polling.", show_default=False)] = None,
+    enabled: Annotated[
+        bool | None,
+        typer.Option("--enabled/--no-enabled", help="Resume or pause polling.", show_default=False),
+    ] = None,
     output: OutputOption = "json",
     config: ConfigOption = None,
 ) -> None:
@@ -378,8 +422,9 @@ def mappings_update(
 
 
 @mappings_app.command("delete")
-def mappings_delete(uuid: UuidArgument, output: OutputOption = "json",
-                    config: ConfigOption = None) -> None:
+def mappings_delete(
+    uuid: UuidArgument, output: OutputOption = "json", config: ConfigOption = None
+) -> None:
     """Delete a mapping (a running daemon stops its runner, draining in-flight batches)."""
     cfg = load(config)
     mapping = _registry_call(cfg, "DeleteEventSourceMapping", lambda r: r.delete(uuid))
@@ -387,22 +432,22 @@ def mappings_delete(uuid: UuidArgument, output: OutputOption = "json",
 
 
 @mappings_app.command("enable")
-def mappings_enable(uuid: UuidArgument, output: OutputOption = "json",
-                    config: ConfigOption = None) -> None:
+def mappings_enable(
+    uuid: UuidArgument, output: OutputOption = "json", config: ConfigOption = None
+) -> None:
     """Resume polling."""
     cfg = load(config)
-    mapping = _registry_call(cfg, "UpdateEventSourceMapping",
-                             lambda r: r.set_enabled(uuid, True))
+    mapping = _registry_call(cfg, "UpdateEventSourceMapping", lambda r: r.set_enabled(uuid, True))
     _show(cfg, [mapping], output, single=True)
 
 
 @mappings_app.command("disable")
-def mappings_disable(uuid: UuidArgument, output: OutputOption = "json",
-                     config: ConfigOption = None) -> None:
+def mappings_disable(
+    uuid: UuidArgument, output: OutputOption = "json", config: ConfigOption = None
+) -> None:
     """Pause polling (in-flight batches finish; nothing is lost)."""
     cfg = load(config)
-    mapping = _registry_call(cfg, "UpdateEventSourceMapping",
-                             lambda r: r.set_enabled(uuid, False))
+    mapping = _registry_call(cfg, "UpdateEventSourceMapping", lambda r: r.set_enabled(uuid, False))
     _show(cfg, [mapping], output, single=True)
 
 
@@ -413,16 +458,18 @@ SEND_CHUNK = 500
 
 @app.command()
 def send(
-    source: Annotated[str, typer.Argument(
-        help="Where to: " + "; ".join(_source_forms()) + ".")],
+    source: Annotated[str, typer.Argument(help="Where to: " + "; ".join(_source_forms()) + ".")],
     body: Annotated[str | None, typer.Option(help="Message body.", show_default=False)] = None,
-    file: Annotated[Path | None, typer.Option(
-        help="One message per line ('-' for stdin).", show_default=False)] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="One message per line ('-' for stdin).", show_default=False)
+    ] = None,
     count: Annotated[int, typer.Option(min=1, help="Send each body this many times.")] = 1,
-    delay_seconds: Annotated[int, typer.Option(min=0, max=900,
-                                               help="Hide the messages this long.")] = 0,
-    group_id: Annotated[str | None, typer.Option(
-        help="Message group (FIFO queues).", show_default=False)] = None,
+    delay_seconds: Annotated[
+        int, typer.Option(min=0, max=900, help="Hide the messages this long.")
+    ] = 0,
+    group_id: Annotated[
+        str | None, typer.Option(help="Message group (FIFO queues).", show_default=False)
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Put test messages on a source, in batches, with a progress bar for large sends."""
@@ -485,8 +532,9 @@ def send(
 
     try:
         if total >= 2 * SEND_CHUNK:
-            with typer.progressbar(length=total, label=f"sending to {shown}",
-                                   file=sys.stderr) as progress:
+            with typer.progressbar(
+                length=total, label=f"sending to {shown}", file=sys.stderr
+            ) as progress:
                 sent = run_async(go(progress))
         else:
             sent = run_async(go(_NoProgress()))

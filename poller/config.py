@@ -13,11 +13,18 @@ import msgspec
 DEFAULT_CONFIG_NAMES = ("config.toml", "config.example.toml")
 # Set by poller in every execution environment, as Lambda reserves them: a function may not
 # declare or inherit them.
-RESERVED_ENVIRONMENT = frozenset({
-    "_HANDLER", "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_VERSION",
-    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_LOG_GROUP_NAME",
-    "AWS_LAMBDA_LOG_STREAM_NAME", "LAMBDA_TASK_ROOT", "TMPDIR",
-})
+RESERVED_ENVIRONMENT = frozenset(
+    {
+        "_HANDLER",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "LAMBDA_TASK_ROOT",
+        "TMPDIR",
+    }
+)
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 
 

@@ -101,12 +101,18 @@ class Supervisor:
         for uuid, running in list(self.running.items()):
             mapping = wanted.get(uuid)
             if mapping is None or _spec(mapping) != running.spec:
-                reason = "deleted" if uuid not in mappings else (
-                    "disabled" if mapping is None else "updated")
+                reason = (
+                    "deleted"
+                    if uuid not in mappings
+                    else ("disabled" if mapping is None else "updated")
+                )
                 self.log.info(f"mapping {reason}: stopping its runner", mapping=uuid)
                 del self.running[uuid]
-                stops.append(self._stop(running, self.config.daemon.shutdown_grace_s,
-                                        for_good=reason != "updated"))
+                stops.append(
+                    self._stop(
+                        running, self.config.daemon.shutdown_grace_s, for_good=reason != "updated"
+                    )
+                )
         if stops:
             await asyncio.gather(*stops)
         for uuid in list(self.problems):
@@ -128,8 +134,13 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(runner.run())
         self.running[uuid] = RunningMapping(mapping, _spec(mapping), runner, task)
         self.problems.pop(uuid, None)
-        self.log.info("mapping runner starting", mapping=uuid, function=mapping.function_name,
-                      source=mapping.source.display_uri, batch_size=mapping.batch_size)
+        self.log.info(
+            "mapping runner starting",
+            mapping=uuid,
+            function=mapping.function_name,
+            source=mapping.source.display_uri,
+            batch_size=mapping.batch_size,
+        )
 
     def _problem(self, mapping: Mapping, status: str) -> None:
         if self.problems.get(mapping.uuid) != status:
@@ -161,8 +172,12 @@ class Supervisor:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         waiting = [uuid for uuid, r in self.running.items() if not r.runner.started]
         ok = self.reconciled.is_set() and not waiting
-        return ok, {"reconciled": self.reconciled.is_set(), "runners": len(self.running),
-                    "starting": waiting, "problems": self.problems}
+        return ok, {
+            "reconciled": self.reconciled.is_set(),
+            "runners": len(self.running),
+            "starting": waiting,
+            "problems": self.problems,
+        }
 
 
 class Daemon:
@@ -187,9 +202,13 @@ class Daemon:
             self.log.error(str(exc))
             await self._close()
             return 1
-        self.log.info("poller daemon running", config=config.path,
-                      http=config.daemon.http_listen, state=redact(config.state_url),
-                      functions=[f.name for f in config.functions])
+        self.log.info(
+            "poller daemon running",
+            config=config.path,
+            http=config.daemon.http_listen,
+            state=redact(config.state_url),
+            functions=[f.name for f in config.functions],
+        )
         assert self.supervisor is not None
         watcher = loop.create_task(self.supervisor.watch(self.stopping))
         systemd = Notifier(self.log)
@@ -197,8 +216,10 @@ class Daemon:
         await self.stopping.wait()
         announce.cancel()
         systemd.stopping(config.daemon.shutdown_grace_s)
-        self.log.info("draining: no new receives; waiting for in-flight invokes",
-                      grace_s=config.daemon.shutdown_grace_s)
+        self.log.info(
+            "draining: no new receives; waiting for in-flight invokes",
+            grace_s=config.daemon.shutdown_grace_s,
+        )
         started = time.monotonic()
         await watcher
         await self.supervisor.stop_all(config.daemon.shutdown_grace_s)
@@ -210,12 +231,15 @@ class Daemon:
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals == 1:
-            self.log.info(f"received {sig.name}: shutting down gracefully "
-                          "(send it again to exit at once)")
+            self.log.info(
+                f"received {sig.name}: shutting down gracefully (send it again to exit at once)"
+            )
             self.stopping.set()
             return
-        self.log.warning(f"received {sig.name} again: exiting now; unsettled messages will be "
-                         "redelivered after their visibility timeout")
+        self.log.warning(
+            f"received {sig.name} again: exiting now; unsettled messages will be "
+            "redelivered after their visibility timeout"
+        )
         self.log.flush()
         if self.runtime is not None:
             for pool in self.runtime.pools.values():
@@ -235,8 +259,13 @@ class Daemon:
         except MappingError as exc:
             raise DaemonError(f"invalid mapping in the config file: {exc}") from None
         for mapping in declared:
-            self.log.info("declared mapping registered", mapping=mapping.uuid, name=mapping.name,
-                          function=mapping.function_name, source=mapping.source.display_uri)
+            self.log.info(
+                "declared mapping registered",
+                mapping=mapping.uuid,
+                name=mapping.name,
+                function=mapping.function_name,
+                source=mapping.source.display_uri,
+            )
         self.runtime = Runtime(
             config.functions,
             memory_budget_mb=config.daemon.memory_mb,

@@ -42,7 +42,10 @@ class SqsRecordShape:
     __slots__ = ("event_source", "event_source_arn", "plain_template", "region", "sender_id")
 
     def __init__(
-        self, event_source: str, event_source_arn: str, region: str,
+        self,
+        event_source: str,
+        event_source_arn: str,
+        region: str,
         sender_id: str = DEFAULT_SENDER_ID,
     ) -> None:
         self.event_source = event_source
@@ -63,9 +66,13 @@ class SqsRecordShape:
             b'"ApproximateReceiveCount":"%b","SentTimestamp":"%b","SenderId":'
             + literal(sender_id)
             + b',"ApproximateFirstReceiveTimestamp":"%b"},"messageAttributes":{},'
-            b'"md5OfBody":"%b","eventSource":' + literal(event_source)
-            + b',"eventSourceARN":' + literal(event_source_arn)
-            + b',"awsRegion":' + literal(region) + b"}"
+            b'"md5OfBody":"%b","eventSource":'
+            + literal(event_source)
+            + b',"eventSourceARN":'
+            + literal(event_source_arn)
+            + b',"awsRegion":'
+            + literal(region)
+            + b"}"
         )
 
     def encode_plain(
@@ -85,8 +92,13 @@ class SqsRecordShape:
         directly, with the body passed through ``json_string``.
         """
         return self.plain_template % (
-            message_id, receipt_handle, _encode(body), receive_count, sent_ms,
-            first_receive_ms, md5_of_body,
+            message_id,
+            receipt_handle,
+            _encode(body),
+            receive_count,
+            sent_ms,
+            first_receive_ms,
+            md5_of_body,
         )
 
     def record(
@@ -141,8 +153,14 @@ def sqs_record(
 ) -> dict[str, Any]:
     """One SQS record (§7.1), for callers off the hot path."""
     return SqsRecordShape(event_source, event_source_arn, region, sender_id).record(
-        message_id, receipt_handle, body, str(receive_count), str(sent_ms),
-        str(first_receive_ms), md5_of_body or md5_hex(body), message_attributes,
+        message_id,
+        receipt_handle,
+        body,
+        str(receive_count),
+        str(sent_ms),
+        str(first_receive_ms),
+        md5_of_body or md5_hex(body),
+        message_attributes,
         extra_attributes,
     )
 

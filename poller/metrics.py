@@ -40,109 +40,161 @@ REGISTRY.register(_FlushMappingCounts())
 _M = ("mapping", "function")
 
 polled_events = Counter(
-    "poller_polled_events_total", "Events read from the source (PolledEventCount).", _M,
+    "poller_polled_events_total",
+    "Events read from the source (PolledEventCount).",
+    _M,
     registry=REGISTRY,
 )
 filtered_out_events = Counter(
     "poller_filtered_out_events_total",
     "Events that matched no filter pattern and were removed without an invoke "
     "(FilteredOutEventCount).",
-    _M, registry=REGISTRY,
+    _M,
+    registry=REGISTRY,
 )
 invoked_events = Counter(
     "poller_invoked_events_total",
-    "Events handed to the function; retries count again (InvokedEventCount).", _M,
+    "Events handed to the function; retries count again (InvokedEventCount).",
+    _M,
     registry=REGISTRY,
 )
 failed_invoke_events = Counter(
     "poller_failed_invoke_events_total",
     "Events whose invoke failed or that were reported in batchItemFailures "
     "(FailedInvokeEventCount).",
-    _M, registry=REGISTRY,
+    _M,
+    registry=REGISTRY,
 )
 deleted_events = Counter(
-    "poller_deleted_events_total", "Events deleted/acknowledged after processing "
-    "(DeletedEventCount).", _M, registry=REGISTRY,
+    "poller_deleted_events_total",
+    "Events deleted/acknowledged after processing (DeletedEventCount).",
+    _M,
+    registry=REGISTRY,
 )
 dropped_events = Counter(
     "poller_dropped_events_total",
     "Events given up on without an on-failure destination, by reason: RetryAttemptsExhausted, "
     "RecordAgeExceeded, MaximumPayloadSizeExceeded (DroppedEventCount).",
-    (*_M, "reason"), registry=REGISTRY,
+    (*_M, "reason"),
+    registry=REGISTRY,
 )
 dead_lettered_events = Counter(
     "poller_dead_lettered_events_total",
-    "Events moved to a dead-letter target by poller (sources without native redrive).", _M,
+    "Events moved to a dead-letter target by poller (sources without native redrive).",
+    _M,
     registry=REGISTRY,
 )
 invocations = Counter(
     "poller_invocations_total",
     "Function invocations by outcome (ok, function_error, timeout, out_of_memory, crashed, "
     "init_error, invalid_request).",
-    (*_M, "outcome"), registry=REGISTRY,
+    (*_M, "outcome"),
+    registry=REGISTRY,
 )
 invoke_errors = Counter(
-    "poller_invoke_errors_total", "Invocations that ended in a function error (Errors).", _M,
+    "poller_invoke_errors_total",
+    "Invocations that ended in a function error (Errors).",
+    _M,
     registry=REGISTRY,
 )
 throttles = Counter(
     "poller_throttles_total",
     "Times a mapping found no free function slot and waited instead of receiving (Throttles).",
-    _M, registry=REGISTRY,
+    _M,
+    registry=REGISTRY,
 )
 invoke_duration = Histogram(
-    "poller_invoke_duration_seconds", "Invoke round-trip time (Duration).", _M,
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
-             300, 900),
+    "poller_invoke_duration_seconds",
+    "Invoke round-trip time (Duration).",
+    _M,
+    buckets=(
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+        30,
+        60,
+        300,
+        900,
+    ),
     registry=REGISTRY,
 )
 batch_size = Histogram(
-    "poller_batch_size_events", "Events per invoked batch.", _M,
+    "poller_batch_size_events",
+    "Events per invoked batch.",
+    _M,
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2500, 5000, 10000),
     registry=REGISTRY,
 )
 concurrent_executions = Gauge(
-    "poller_concurrent_executions", "Batches being processed now (ConcurrentExecutions).", _M,
+    "poller_concurrent_executions",
+    "Batches being processed now (ConcurrentExecutions).",
+    _M,
     registry=REGISTRY,
 )
 concurrency_target = Gauge(
     "poller_mapping_concurrency_target",
-    "Concurrent batches the mapping's scaling controller aims for.", _M, registry=REGISTRY,
+    "Concurrent batches the mapping's scaling controller aims for.",
+    _M,
+    registry=REGISTRY,
 )
 queue_visible = Gauge(
-    "poller_queue_visible_messages", "Messages waiting in the source queue.", _M,
+    "poller_queue_visible_messages",
+    "Messages waiting in the source queue.",
+    _M,
     registry=REGISTRY,
 )
 queue_in_flight = Gauge(
-    "poller_queue_in_flight_messages", "Messages received and not yet deleted.", _M,
+    "poller_queue_in_flight_messages",
+    "Messages received and not yet deleted.",
+    _M,
     registry=REGISTRY,
 )
 source_errors = Counter(
-    "poller_source_errors_total", "Failed calls to the event source.", (*_M, "operation"),
+    "poller_source_errors_total",
+    "Failed calls to the event source.",
+    (*_M, "operation"),
     registry=REGISTRY,
 )
 source_connected = Gauge(
-    "poller_source_connected", "1 while the mapping's source is reachable, 0 during an outage.",
-    _M, registry=REGISTRY,
+    "poller_source_connected",
+    "1 while the mapping's source is reachable, 0 during an outage.",
+    _M,
+    registry=REGISTRY,
 )
 mapping_running = Gauge(
-    "poller_mapping_running", "1 for each mapping with a running runner.", _M,
+    "poller_mapping_running",
+    "1 for each mapping with a running runner.",
+    _M,
     registry=REGISTRY,
 )
 environments = Gauge(
-    "poller_environments", "Execution environments alive, by function.", ("function",),
+    "poller_environments",
+    "Execution environments alive, by function.",
+    ("function",),
     registry=REGISTRY,
 )
 memory_used = Gauge(
     "poller_memory_reserved_megabytes",
-    "Memory counted against the daemon budget by live environments.", registry=REGISTRY,
+    "Memory counted against the daemon budget by live environments.",
+    registry=REGISTRY,
 )
 
 # -- functions ---------------------------------------------------------------------------------
 cold_starts = Counter(
     "poller_cold_starts_total",
     "Invokes that started a new execution environment (they report an Init Duration).",
-    ("function",), registry=REGISTRY,
+    ("function",),
+    registry=REGISTRY,
 )
 init_duration = Histogram(
     "poller_init_duration_seconds",
@@ -157,83 +209,126 @@ mapping_problem = Gauge(
     "poller_mapping_problem",
     "1 while the mapping's last result is a PROBLEM (source unreachable, function cannot start, "
     "destination down); `poller status` says why.",
-    _M, registry=REGISTRY,
+    _M,
+    registry=REGISTRY,
 )
 daemon_ready = Gauge(
-    "poller_daemon_ready", "1 while /readyz answers ready.", registry=REGISTRY,
+    "poller_daemon_ready",
+    "1 while /readyz answers ready.",
+    registry=REGISTRY,
 )
 
 # -- ordered sources (streams, Kafka) ----------------------------------------------------------
 iterator_age = Gauge(
     "poller_iterator_age_seconds",
     "Age of the last record of the batch just invoked, per shard (IteratorAge).",
-    (*_M, "shard"), registry=REGISTRY,
+    (*_M, "shard"),
+    registry=REGISTRY,
 )
 iterator_age_max = Gauge(
     "poller_iterator_age_max_seconds",
-    "The largest iterator age over the mapping's shards.", _M, registry=REGISTRY,
+    "The largest iterator age over the mapping's shards.",
+    _M,
+    registry=REGISTRY,
 )
 millis_behind_latest = Gauge(
     "poller_millis_behind_latest",
     "How far a Kinesis shard's reader is behind the tip of the shard (MillisBehindLatest).",
-    (*_M, "shard"), registry=REGISTRY,
+    (*_M, "shard"),
+    registry=REGISTRY,
 )
 checkpoints = Counter(
-    "poller_checkpoints_total", "Checkpoints written (or offsets committed).", _M,
+    "poller_checkpoints_total",
+    "Checkpoints written (or offsets committed).",
+    _M,
     registry=REGISTRY,
 )
 on_failure_delivered = Counter(
     "poller_on_failure_destination_delivered_events_total",
     "Records sent to the on-failure destination (OnFailureDestinationDeliveredEventCount).",
-    (*_M, "reason"), registry=REGISTRY,
+    (*_M, "reason"),
+    registry=REGISTRY,
 )
 destination_failures = Counter(
     "poller_destination_delivery_failures_total",
     "Failed sends to the on-failure destination; the shard waits and retries "
     "(DestinationDeliveryFailures).",
-    _M, registry=REGISTRY,
+    _M,
+    registry=REGISTRY,
 )
 batches_bisected = Counter(
     "poller_batches_bisected_total",
-    "Failing batches split in two (BisectBatchOnFunctionError).", _M, registry=REGISTRY,
+    "Failing batches split in two (BisectBatchOnFunctionError).",
+    _M,
+    registry=REGISTRY,
 )
 records_expired = Counter(
     "poller_records_lost_to_retention_total",
     "Records the source trimmed before the mapping read them (its checkpoint fell behind "
     "the oldest record still kept).",
-    _M, registry=REGISTRY,
+    _M,
+    registry=REGISTRY,
 )
 kafka_offset_lag = Gauge(
     "poller_kafka_offset_lag",
     "Log end offset minus committed offset, per partition (OffsetLag).",
-    (*_M, "partition"), registry=REGISTRY,
+    (*_M, "partition"),
+    registry=REGISTRY,
 )
 kafka_offset_lag_sum = Gauge(
-    "poller_kafka_offset_lag_sum", "Offset lag summed over the mapping's partitions "
-    "(SumOffsetLag).", _M, registry=REGISTRY,
+    "poller_kafka_offset_lag_sum",
+    "Offset lag summed over the mapping's partitions (SumOffsetLag).",
+    _M,
+    registry=REGISTRY,
 )
 kafka_offset_lag_max = Gauge(
-    "poller_kafka_offset_lag_max", "The largest offset lag over the mapping's partitions "
-    "(MaxOffsetLag).", _M, registry=REGISTRY,
+    "poller_kafka_offset_lag_max",
+    "The largest offset lag over the mapping's partitions (MaxOffsetLag).",
+    _M,
+    registry=REGISTRY,
 )
 kafka_rebalances = Counter(
-    "poller_kafka_rebalances_total", "Partition assignments and revocations received.", _M,
+    "poller_kafka_rebalances_total",
+    "Partition assignments and revocations received.",
+    _M,
     registry=REGISTRY,
 )
 leases_held = Gauge(
-    "poller_leases_held", "Shard leases this daemon holds (fleet mode).", _M,
+    "poller_leases_held",
+    "Shard leases this daemon holds (fleet mode).",
+    _M,
     registry=REGISTRY,
 )
 
 
 # Every metric labelled exactly (mapping, function).
 _PER_MAPPING: tuple[Counter | Gauge | Histogram, ...] = (
-    polled_events, filtered_out_events, invoked_events, failed_invoke_events, deleted_events,
-    dead_lettered_events, invoke_errors, throttles, invoke_duration, batch_size,
-    concurrent_executions, concurrency_target, queue_visible, queue_in_flight, source_connected,
-    mapping_running, mapping_problem, iterator_age_max, checkpoints, destination_failures,
-    batches_bisected, records_expired, kafka_offset_lag_sum, kafka_offset_lag_max,
-    kafka_rebalances, leases_held,
+    polled_events,
+    filtered_out_events,
+    invoked_events,
+    failed_invoke_events,
+    deleted_events,
+    dead_lettered_events,
+    invoke_errors,
+    throttles,
+    invoke_duration,
+    batch_size,
+    concurrent_executions,
+    concurrency_target,
+    queue_visible,
+    queue_in_flight,
+    source_connected,
+    mapping_running,
+    mapping_problem,
+    iterator_age_max,
+    checkpoints,
+    destination_failures,
+    batches_bisected,
+    records_expired,
+    kafka_offset_lag_sum,
+    kafka_offset_lag_max,
+    kafka_rebalances,
+    leases_held,
 )
 
 
@@ -319,8 +414,11 @@ class MappingMetrics:
             flushed = self._flushed
             totals = (self.polled_count, self.invoked_count, self.deleted_count, self.ok_count)
             for index, (total, counter) in enumerate(
-                zip(totals, (self.polled, self.invoked, self.deleted, self.outcome("ok")),
-                    strict=True)
+                zip(
+                    totals,
+                    (self.polled, self.invoked, self.deleted, self.outcome("ok")),
+                    strict=True,
+                )
             ):
                 if total != flushed[index]:
                     counter.inc(total - flushed[index])

@@ -25,4 +25,4 @@ def redact(uri: str) -> str:
         return uri
     user, colon, _password = rest[:at].partition(":")
     shown = f"{user}:***" if colon else "***"
-    return f"{scheme}://{shown}@{rest[at + 1:]}"
+    return f"{scheme}://{shown}@{rest[at + 1 :]}"

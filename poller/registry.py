@@ -39,7 +39,8 @@ class Registry:
             mappings = [m for m in mappings if m.function_name == function_name]
         if event_source_arn:
             mappings = [
-                m for m in mappings
+                m
+                for m in mappings
                 if event_source_arn in (m.event_source_arn, m.source.display_uri)
             ]
         mappings.sort(key=lambda m: (m.last_modified, m.uuid))
@@ -73,7 +74,9 @@ class Registry:
 
     async def create(self, params: dict[str, Any]) -> Mapping:
         mapping = create_mapping(
-            params, uuid=str(uuidlib.uuid4()), now=time.time(),
+            params,
+            uuid=str(uuidlib.uuid4()),
+            now=time.time(),
             validate_filters=self.validate_filters,
         )
         check_runnable(mapping)
@@ -121,8 +124,12 @@ class Registry:
                     await self.store.delete_mapping(current.uuid)
                     result.append(await self.create(entry))
                     continue
-                wanted = update_mapping(current, changes, now=current.last_modified,
-                                        validate_filters=self.validate_filters)
+                wanted = update_mapping(
+                    current,
+                    changes,
+                    now=current.last_modified,
+                    validate_filters=self.validate_filters,
+                )
                 if wanted.to_dict() != current.to_dict():
                     result.append(await self.update(current.uuid, changes))
                 else:
@@ -130,4 +137,3 @@ class Registry:
             except MappingError as exc:
                 raise MappingError(f"{where} ({name}): {exc}", code=exc.code) from None
         return result
-

@@ -27,7 +27,9 @@ class DaemonProcess:
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [*POLLER, "run", "--config", str(self.config)],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.config.parent,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.config.parent,
         )
         self.wait_ready()
 
@@ -79,7 +81,10 @@ class DaemonProcess:
 
 def cli(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [*POLLER, *args, "--config", str(config)], capture_output=True, text=True, timeout=60,
+        [*POLLER, *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         cwd=config.parent,
     )
     if check:

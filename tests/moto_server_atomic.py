@@ -21,15 +21,18 @@ _receive = SQSBackend.receive_message
 
 
 def _atomic_receive(
-    self: SQSBackend, queue_name: str, count: int, wait_seconds_timeout: int,
-    visibility_timeout: int, message_attribute_names: list[str] | None = None,
+    self: SQSBackend,
+    queue_name: str,
+    count: int,
+    wait_seconds_timeout: int,
+    visibility_timeout: int,
+    message_attribute_names: list[str] | None = None,
 ) -> Any:
     deadline = time.monotonic() + wait_seconds_timeout
     while True:
         with _take_lock:
             # A wait of 0 makes moto look once and return, taking what is visible.
-            got = _receive(self, queue_name, count, 0, visibility_timeout,
-                           message_attribute_names)
+            got = _receive(self, queue_name, count, 0, visibility_timeout, message_attribute_names)
         left = deadline - time.monotonic()
         if got or left <= 0:
             return got

@@ -395,8 +395,11 @@ def make_tls_files(directory: Path, host: str = HOST) -> tuple[Path, Path, Path]
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "poller test CA")])
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -406,7 +409,8 @@ def make_tls_files(directory: Path, host: str = HOST) -> tuple[Path, Path, Path]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-        .issuer_name(ca_name).public_key(key.public_key())
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
@@ -421,10 +425,13 @@ def make_tls_files(directory: Path, host: str = HOST) -> tuple[Path, Path, Path]
     paths = (directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
     paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return paths
 
 
@@ -470,8 +477,10 @@ class TlsRedisServer(RedisServer):
     def ping(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.ca_file))
         try:
-            with socket.create_connection((self.host, self.port), timeout=1.0) as raw, \
-                    context.wrap_socket(raw, server_hostname=self.host) as sock:
+            with (
+                socket.create_connection((self.host, self.port), timeout=1.0) as raw,
+                context.wrap_socket(raw, server_hostname=self.host) as sock,
+            ):
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:

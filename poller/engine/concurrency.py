@@ -31,8 +31,14 @@ class OutcomeCounts:
 
     def take(self) -> OutcomeCounts:
         taken = OutcomeCounts(
-            self.ok, self.errors, self.throttles, self.partials, self.batch_seconds,
-            self.batches_completed, self.messages, self.empty_polls,
+            self.ok,
+            self.errors,
+            self.throttles,
+            self.partials,
+            self.batch_seconds,
+            self.batches_completed,
+            self.messages,
+            self.empty_polls,
         )
         self.ok = self.errors = self.throttles = self.partials = 0
         self.batch_seconds = 0.0
@@ -100,10 +106,10 @@ class ScaledConcurrency(ConcurrencyPolicy):
 def concurrency_bound(maximum_concurrency: int | None, pool: FunctionPool) -> int:
     """The most batches a mapping may run: its own cap, the function's, the memory budget's."""
     config = pool.config
-    bounds = [maximum_concurrency or MAX_CONCURRENCY_CEILING,
-              pool.runtime.memory_budget_mb // config.memory_mb]
+    bounds = [
+        maximum_concurrency or MAX_CONCURRENCY_CEILING,
+        pool.runtime.memory_budget_mb // config.memory_mb,
+    ]
     if config.reserved_concurrency is not None:
         bounds.append(config.reserved_concurrency)
     return max(min(bounds), 1)
-
-

@@ -50,9 +50,8 @@ class _Compiler:
             elif type(value) is list:
                 fields.append((key, self.compile_leaf(value, (*path, key))))
             else:
-                raise self.fail(
-                    f"the value must be an object or a non-empty array {describe_path((*path, key))}"
-                )
+                where = describe_path((*path, key))
+                raise self.fail(f"the value must be an object or a non-empty array {where}")
         # Leaves first: they are cheaper than descending, and at the top level
         # this checks metadata before an object pattern forces a data decode.
         fields.sort(key=lambda field: type(field[1]) is ObjectMatcher)

@@ -331,7 +331,9 @@ class _DataSlot:
         return self.mismatch_passes
 
 
-def _match_top(pattern: ObjectMatcher, record: Mapping[str, Any], data_key: str, slot: _DataSlot) -> bool:
+def _match_top(
+    pattern: ObjectMatcher, record: Mapping[str, Any], data_key: str, slot: _DataSlot
+) -> bool:
     get = record.get
     for key, matcher in pattern.fields:
         if key == data_key:

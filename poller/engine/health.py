@@ -51,8 +51,12 @@ class SourceHealth:
         self.metrics.source_connected.set(0)
         if self.outage_since is None:
             self.outage_since = time.monotonic()
-            self.log.error(f"event source unavailable: {exc}", **self.fields,
-                           operation=operation, retryable=exc.retryable)
+            self.log.error(
+                f"event source unavailable: {exc}",
+                **self.fields,
+                operation=operation,
+                retryable=exc.retryable,
+            )
             self.set_status(f"PROBLEM: {exc}")
 
     def ok(self) -> None:
@@ -62,8 +66,11 @@ class SourceHealth:
         self._connected = True
         self._backoff = BACKOFF_MIN_S
         if self.outage_since is not None:
-            self.log.info("event source reachable again", **self.fields,
-                          outage_s=round(time.monotonic() - self.outage_since, 3))
+            self.log.info(
+                "event source reachable again",
+                **self.fields,
+                outage_s=round(time.monotonic() - self.outage_since, 3),
+            )
             self.outage_since = None
         self.metrics.source_connected.set(1)
 

@@ -147,8 +147,11 @@ class QueueRunner:
         self.health.ok()
         self.metrics.running.set(1)
         self._started.set()
-        self.log.info("mapping runner started", **self.fields,
-                      visibility_timeout_s=self.source.visibility_timeout_s)
+        self.log.info(
+            "mapping runner started",
+            **self.fields,
+            visibility_timeout_s=self.source.visibility_timeout_s,
+        )
         if self.pool.config.timeout_s > self.source.visibility_timeout_s:
             # Lambda refuses this mapping; the heartbeat makes it safe here, so only warn.
             self.log.warning(
@@ -174,7 +177,8 @@ class QueueRunner:
                 self.log.warning(
                     "shutdown grace expired with invokes in flight; their messages will be "
                     "redelivered after the visibility timeout",
-                    **self.fields, in_flight=len(still),
+                    **self.fields,
+                    in_flight=len(still),
                 )
                 for task in still:
                     task.cancel()
@@ -198,8 +202,13 @@ class QueueRunner:
             counts = self.counts.take()
             target = self.policy.tick(time.monotonic(), self.depth, self.in_flight, counts)
             if target != self.target:
-                self.log.debug("concurrency target changed", **self.fields,
-                               previous=self.target, target=target, reason=self.policy.reason)
+                self.log.debug(
+                    "concurrency target changed",
+                    **self.fields,
+                    previous=self.target,
+                    target=target,
+                    reason=self.policy.reason,
+                )
                 self.target = target
                 self.metrics.concurrency_target.set(target)
             for index in range(target):
@@ -209,8 +218,9 @@ class QueueRunner:
                     if error is not None:
                         # A bug or an unexpected client error: say so, then carry on with a
                         # fresh poller (its messages come back after their visibility timeout).
-                        self.log.error(f"poller crashed: {error!r}; restarting it",
-                                       **self.fields, poller=index)
+                        self.log.error(
+                            f"poller crashed: {error!r}; restarting it", **self.fields, poller=index
+                        )
                 if task is None or task.done():
                     self._pollers[index] = loop.create_task(self._poll_loop(index))
             for index in [i for i in self._pollers if i >= target]:
@@ -257,8 +267,11 @@ class QueueRunner:
         and only while readings keep showing an empty queue.
         """
         depth = self.depth
-        if (depth is not None and depth.visible == 0
-                and time.monotonic() - self._depth_read_at >= MANAGE_INTERVAL_S):
+        if (
+            depth is not None
+            and depth.visible == 0
+            and time.monotonic() - self._depth_read_at >= MANAGE_INTERVAL_S
+        ):
             self._depth_wanted.set()
 
     # -- the poller loop ---------------------------------------------------------------------
@@ -400,14 +413,21 @@ class QueueRunner:
 
     async def _dead_letter(self, messages: list[Message], reason: str) -> None:
         if self.source.native_redrive:
-            self.log.error("message can never be delivered and the queue's own redrive policy "
-                           "will move it", **self.fields, reason=reason,
-                           message_ids=[m.id for m in messages])
+            self.log.error(
+                "message can never be delivered and the queue's own redrive policy will move it",
+                **self.fields,
+                reason=reason,
+                message_ids=[m.id for m in messages],
+            )
             return
         await cast(DeadLetterQueue, self.source).dead_letter(messages, reason)
         self.metrics.dead_lettered.inc(len(messages))
-        self.log.warning("messages dead-lettered", **self.fields, reason=reason,
-                         message_ids=[m.id for m in messages])
+        self.log.warning(
+            "messages dead-lettered",
+            **self.fields,
+            reason=reason,
+            message_ids=[m.id for m in messages],
+        )
 
     # -- invoke and settle -------------------------------------------------------------------
 
@@ -454,7 +474,8 @@ class QueueRunner:
                 if failed is None:
                     self.log.warning(
                         "invalid batchItemFailures response: the whole batch will be retried",
-                        **self.fields, requestId=result.request_id,
+                        **self.fields,
+                        requestId=result.request_id,
                         response=result.payload[:500].decode(errors="replace"),
                     )
                     failed = {m.id for m in messages}
@@ -473,9 +494,14 @@ class QueueRunner:
                 # otherwise invisible until its messages are dead-lettered, minutes later.
                 self.log.log(
                     "info" if failed or filtered or dead_lettered else "debug",
-                    "batch settled", **self.fields, requestId=result.request_id,
-                    records=count, deleted=len(done), failed=len(failed or ()),
-                    filtered=filtered, deadLettered=dead_lettered,
+                    "batch settled",
+                    **self.fields,
+                    requestId=result.request_id,
+                    records=count,
+                    deleted=len(done),
+                    failed=len(failed or ()),
+                    filtered=filtered,
+                    deadLettered=dead_lettered,
                 )
             self.health.set_status("OK")
             return done
@@ -490,9 +516,14 @@ class QueueRunner:
         error = result.error or {}
         self.log.warning(
             "invoke failed; the batch returns to the queue after its visibility timeout",
-            **self.fields, requestId=result.request_id, outcome=result.outcome.value,
-            errorType=error.get("errorType"), errorMessage=error.get("errorMessage"),
-            records=count, filtered=filtered, deadLettered=dead_lettered,
+            **self.fields,
+            requestId=result.request_id,
+            outcome=result.outcome.value,
+            errorType=error.get("errorType"),
+            errorMessage=error.get("errorMessage"),
+            records=count,
+            filtered=filtered,
+            deadLettered=dead_lettered,
         )
         return None
 
@@ -509,8 +540,11 @@ class QueueRunner:
         if not task.cancelled() and task.exception() is not None:
             # A bug or an unexpected client error (SourceErrors are retried and logged in
             # _delete_with_retries); the messages come back after their visibility timeout.
-            self.log.error(f"deleting processed messages failed: {task.exception()!r}; they "
-                           "will be delivered again", **self.fields)
+            self.log.error(
+                f"deleting processed messages failed: {task.exception()!r}; they "
+                "will be delivered again",
+                **self.fields,
+            )
 
     async def _delete(self, messages: list[Message], heartbeat: Heartbeat) -> None:
         try:
@@ -528,7 +562,9 @@ class QueueRunner:
                 if attempt == 2:
                     self.log.error(
                         "could not delete processed messages; they will be delivered again",
-                        **self.fields, messages=len(messages), error=str(exc),
+                        **self.fields,
+                        messages=len(messages),
+                        error=str(exc),
                     )
                     return
                 await self.health.backoff()

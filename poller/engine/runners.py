@@ -53,9 +53,7 @@ class Services:
     log: JsonLog
 
 
-Factory = Callable[
-    [Mapping, SourceSpec, FunctionPool, Services, Callable[[str], None]], Runner
-]
+Factory = Callable[[Mapping, SourceSpec, FunctionPool, Services, Callable[[str], None]], Runner]
 
 
 def _factories() -> dict[Family, Factory]:
@@ -66,14 +64,14 @@ def _factories() -> dict[Family, Factory]:
 
 def source_context(services: Services, mapping_uuid: str | None) -> SourceContext:
     return SourceContext(
-        config=services.config, store=services.store, log=services.log,
+        config=services.config,
+        store=services.store,
+        log=services.log,
         mapping_uuid=mapping_uuid,
     )
 
 
-def build_runner(
-    mapping: Mapping, services: Services, on_status: Callable[[str], None]
-) -> Runner:
+def build_runner(mapping: Mapping, services: Services, on_status: Callable[[str], None]) -> Runner:
     """The runner for ``mapping``; raises RunnerError when it cannot run."""
     aws = services.config.aws
     # Parsed again with the config's region and account: sqs://NAME says neither.

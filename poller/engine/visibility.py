@@ -53,9 +53,7 @@ class Heartbeat:
         latest_end = max(invoke_starts_by, time.monotonic()) + runner.pool.config.timeout_s
         if latest_end + margin < expires:
             return
-        self._task = asyncio.get_running_loop().create_task(
-            self._beat(expires, visibility, margin)
-        )
+        self._task = asyncio.get_running_loop().create_task(self._beat(expires, visibility, margin))
 
     def cancel(self) -> None:
         if self._task is not None:
@@ -73,5 +71,9 @@ class Heartbeat:
                 await asyncio.sleep(min(margin / 2, 1.0))
                 continue
             expires = time.monotonic() + visibility
-            runner.log.debug("visibility extended", **runner.fields,
-                             messages=len(self._messages), visibility_timeout_s=visibility)
+            runner.log.debug(
+                "visibility extended",
+                **runner.fields,
+                messages=len(self._messages),
+                visibility_timeout_s=visibility,
+            )

@@ -280,5 +280,3 @@ def to_epoch(p: Parameter, value: Any) -> float:
 
 def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat()
-
-

@@ -273,9 +273,7 @@ def _resolve(
     _check_keys(params)
     source_uri = params.get("event_source_arn")
     if source_uri is None:
-        raise validation_error(
-            "eventSourceArn", None, "Member must not be null.", "EventSourceArn"
-        )
+        raise validation_error("eventSourceArn", None, "Member must not be null.", "EventSourceArn")
     if not isinstance(source_uri, str):
         raise type_error("EventSourceArn", "a string", source_uri)
     source = parse_event_source(source_uri)

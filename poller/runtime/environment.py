@@ -523,5 +523,3 @@ class Environment:
         except (OSError, ValueError, IndexError):
             return 0
         return math.ceil(resident_pages * PAGE_SIZE / (1024 * 1024))
-
-

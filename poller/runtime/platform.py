@@ -45,9 +45,7 @@ class PlatformLines:
 
     def __init__(self, cfg: FunctionConfig) -> None:
         # Between the timestamp and the request id of every record.
-        self._head = (
-            ',"level":"INFO","function":' + _encode(cfg.name).decode() + ',"requestId":'
-        )
+        self._head = ',"level":"INFO","function":' + _encode(cfg.name).decode() + ',"requestId":'
         # Between REPORT's billed duration and its max memory used.
         self._memory = f',"memorySizeMB":{cfg.memory_mb},"maxMemoryUsedMB":'
 

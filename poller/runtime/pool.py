@@ -330,8 +330,13 @@ class Runtime:
     def _evict_idle(self, needed_mb: int, exclude: FunctionPool) -> None:
         """Free memory held by idle environments of other functions, least recently used first."""
         candidates = sorted(
-            (env for pool in self.pools.values() if pool is not exclude for env in pool.idle
-             if not env.provisioned),
+            (
+                env
+                for pool in self.pools.values()
+                if pool is not exclude
+                for env in pool.idle
+                if not env.provisioned
+            ),
             key=lambda env: env.last_used,
         )
         freed = 0
@@ -383,8 +388,9 @@ class Runtime:
                     if pool.provisioned_alive() < pool.config.provisioned_concurrency:
                         await pool.provision()
                 except Exception as exc:  # one function's trouble must not stop the reaper
-                    self.log.error("environment maintenance failed", function=pool.name,
-                                   error=repr(exc))
+                    self.log.error(
+                        "environment maintenance failed", function=pool.name, error=repr(exc)
+                    )
 
     def environments(self) -> int:
         return sum(len(pool.envs) for pool in self.pools.values())

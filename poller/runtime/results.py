@@ -97,5 +97,3 @@ def throttled_result(function: str, request_id: str, reason: str) -> InvokeResul
         }
     )
     return InvokeResult(Outcome.THROTTLED, payload, request_id)
-
-

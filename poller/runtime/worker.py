@@ -275,7 +275,10 @@ def serve(req_fd: int, resp_fd: int) -> NoReturn:
             os._exit(0)
         request_id, deadline_ms, arn, cc_json = parse_invoke(head)
         context = LambdaContext(
-            request_id, deadline_ms, arn, json.loads(cc_json) if cc_json else None,
+            request_id,
+            deadline_ms,
+            arn,
+            json.loads(cc_json) if cc_json else None,
             environ=context_env,
         )
         ok = False

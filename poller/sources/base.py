@@ -38,8 +38,17 @@ class Message:
     to measure it hands the bytes over instead of having them encoded again.
     """
 
-    __slots__ = ("_encoded", "_record", "body", "extra", "group", "id", "receipt",
-                 "receive_count", "size")
+    __slots__ = (
+        "_encoded",
+        "_record",
+        "body",
+        "extra",
+        "group",
+        "id",
+        "receipt",
+        "receive_count",
+        "size",
+    )
 
     def __init__(
         self,
@@ -80,8 +89,10 @@ class Message:
         return self._encoded
 
     def __repr__(self) -> str:
-        return (f"Message(id={self.id!r}, receipt={self.receipt!r}, "
-                f"receive_count={self.receive_count}, size={self.size})")
+        return (
+            f"Message(id={self.id!r}, receipt={self.receipt!r}, "
+            f"receive_count={self.receive_count}, size={self.size})"
+        )
 
 
 @dataclass(slots=True, frozen=True)

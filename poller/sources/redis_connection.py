@@ -89,9 +89,7 @@ def parse_redis_uri(uri: str, label: str) -> tuple[RedisAddress, str, str, str]:
         db, path = int(first), rest
     key = unquote(path)
     if not key:
-        raise uri_error(
-            uri, f"Missing key in {label} URI ({label}://HOST[:PORT][/DB]/KEY)"
-        )
+        raise uri_error(uri, f"Missing key in {label} URI ({label}://HOST[:PORT][/DB]/KEY)")
     address = RedisAddress(
         host=parts.hostname,
         port=DEFAULT_PORT if port is None else port,

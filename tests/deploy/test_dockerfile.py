@@ -42,9 +42,10 @@ def test_hadolint_finds_nothing() -> None:
     hadolint = require("hadolint")
     result = run(hadolint, "--failure-threshold", "style", "--format", "json", DOCKERFILE)
     findings = json.loads(result.stdout or "[]")
-    assert result.returncode == 0 and not findings, "\n".join(
-        f"line {f['line']}: {f['code']} {f['message']}" for f in findings
-    ) or result.stderr
+    assert result.returncode == 0 and not findings, (
+        "\n".join(f"line {f['line']}: {f['code']} {f['message']}" for f in findings)
+        or result.stderr
+    )
 
 
 def test_runtime_stage_runs_poller_as_a_user() -> None:
@@ -66,13 +67,21 @@ def test_build_stage_copies_what_the_package_needs(tmp_path: Path) -> None:
                 origin = ROOT / source
                 target = context / source
                 if origin.is_dir():
-                    shutil.copytree(origin, target,
-                                    ignore=shutil.ignore_patterns("__pycache__"))
+                    shutil.copytree(origin, target, ignore=shutil.ignore_patterns("__pycache__"))
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(origin, target)
-    result = run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                 "--wheel-dir", tmp_path / "wheels", context)
+    result = run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--wheel-dir",
+        tmp_path / "wheels",
+        context,
+    )
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "wheels").glob("poller-*.whl")
     packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}

@@ -70,8 +70,16 @@ def quantity_bytes(value: str) -> int:
 
 def test_the_base_renders_every_object() -> None:
     kinds = sorted(doc["kind"] for doc in rendered())
-    assert kinds == sorted(["ConfigMap", "Deployment", "Service", "ServiceMonitor",
-                            "PodDisruptionBudget", "ScaledObject"])
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "ServiceMonitor",
+            "PodDisruptionBudget",
+            "ScaledObject",
+        ]
+    )
 
 
 def test_every_file_in_the_base_is_used() -> None:
@@ -92,8 +100,10 @@ def test_objects_pass_the_kubernetes_schemas(version: str) -> None:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}): "
-                        f"{exc.message} at {'.'.join(map(str, exc.path))}")
+            pytest.fail(
+                f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}): "
+                f"{exc.message} at {'.'.join(map(str, exc.path))}"
+            )
         checked += 1
     assert checked == 4
 
@@ -160,8 +170,9 @@ def test_probes_and_port_match_the_daemon() -> None:
     assert host == "0.0.0.0", "the kubelet and Prometheus reach the pod from outside it"
     c = container()
     assert [p["containerPort"] for p in c["ports"]] == [port]
-    probes = {name: c[name]["httpGet"] for name in
-              ("startupProbe", "livenessProbe", "readinessProbe")}
+    probes = {
+        name: c[name]["httpGet"] for name in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
     assert probes["readinessProbe"]["path"] == "/readyz"
     assert {p["port"] for p in probes.values()} == {c["ports"][0]["name"]}
@@ -210,9 +221,9 @@ def test_pod_is_locked_down_and_writes_only_to_empty_dirs() -> None:
     assert "emptyDir" in mounts["/tmp"] and "emptyDir" in mounts["/var/lib/poller"]
     config_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/poller")
     assert config_mount.get("readOnly") is True
-    assert volumes[config_mount["name"]]["configMap"]["name"] == one("ConfigMap")["metadata"][
-        "name"
-    ]
+    assert (
+        volumes[config_mount["name"]]["configMap"]["name"] == one("ConfigMap")["metadata"]["name"]
+    )
     entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
     assert entrypoint, "the Dockerfile needs an ENTRYPOINT in JSON form"
     command = [*json.loads(entrypoint[1]), *c["args"]]

@@ -31,8 +31,11 @@ def alert_rules() -> list[dict[str, Any]]:
 def dashboard_expressions() -> list[tuple[str, str]]:
     """(panel title, expr) for every query of every panel."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"])
-            for panel in dashboard["panels"] for target in panel["targets"]]
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    ]
 
 
 def label_names() -> dict[str, set[str]]:
@@ -107,16 +110,26 @@ def test_dashboard_has_the_variables_and_filters_by_them() -> None:
 
 
 def test_dashboard_covers_what_operators_watch() -> None:
-    used = {name for _, expr in dashboard_expressions()
-            for name in re.findall(r"\bpoller_[a-z_]+", expr)}
+    used = {
+        name
+        for _, expr in dashboard_expressions()
+        for name in re.findall(r"\bpoller_[a-z_]+", expr)
+    }
     wanted = {
-        "poller_queue_visible_messages", "poller_kafka_offset_lag_sum",
-        "poller_iterator_age_max_seconds", "poller_invocations_total",
-        "poller_invoke_duration_seconds_bucket", "poller_concurrent_executions",
-        "poller_mapping_concurrency_target", "poller_throttles_total",
-        "poller_dead_lettered_events_total", "poller_dropped_events_total",
-        "poller_cold_starts_total", "poller_init_duration_seconds_bucket",
-        "poller_environments", "poller_memory_reserved_megabytes",
+        "poller_queue_visible_messages",
+        "poller_kafka_offset_lag_sum",
+        "poller_iterator_age_max_seconds",
+        "poller_invocations_total",
+        "poller_invoke_duration_seconds_bucket",
+        "poller_concurrent_executions",
+        "poller_mapping_concurrency_target",
+        "poller_throttles_total",
+        "poller_dead_lettered_events_total",
+        "poller_dropped_events_total",
+        "poller_cold_starts_total",
+        "poller_init_duration_seconds_bucket",
+        "poller_environments",
+        "poller_memory_reserved_megabytes",
     }
     assert wanted <= used, sorted(wanted - used)
     dashboard = json.loads(DASHBOARD.read_text())

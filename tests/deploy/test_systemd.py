@@ -64,8 +64,14 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 def test_unit_hardening_stays_below_the_exposure_threshold(tmp_path: Path) -> None:
     tool = require("systemd-analyze")
-    result = run(tool, "security", "--offline=yes", "--no-pager",
-                 f"--threshold={round(MAX_EXPOSURE * 10)}", runnable_copy(tmp_path))
+    result = run(
+        tool,
+        "security",
+        "--offline=yes",
+        "--no-pager",
+        f"--threshold={round(MAX_EXPOSURE * 10)}",
+        runnable_copy(tmp_path),
+    )
     score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
     assert score is not None, result.stdout + result.stderr
     assert result.returncode == 0 and float(score[1]) <= MAX_EXPOSURE, (
@@ -116,10 +122,13 @@ def test_install_instructions_use_the_units_paths() -> None:
     (user,) = UNIT_DIRECTIVES["User"]
     for readme in (ROOT / "README.md", DEPLOY / "README.md"):
         text = readme.read_text()
-        for path in (f"python3 -m venv {venv}", f"{venv}/bin/pip install",
-                     f"deploy/systemd/config.toml {config}",
-                     f"/dev/null {environment.lstrip('-')}",
-                     f"--shell /usr/sbin/nologin {user}"):
+        for path in (
+            f"python3 -m venv {venv}",
+            f"{venv}/bin/pip install",
+            f"deploy/systemd/config.toml {config}",
+            f"/dev/null {environment.lstrip('-')}",
+            f"--shell /usr/sbin/nologin {user}",
+        ):
             assert path in text, f"{readme.name}: the systemd steps lack {path!r}"
 
 
@@ -149,8 +158,12 @@ def test_daemon_runs_workers_under_the_units_syscall_filter(tmp_path: Path) -> N
         allowed = allowed - names if line.startswith("~") else allowed | names
     assert "execve" in allowed and "setrlimit" not in allowed  # the lines were understood
     (tmp_path / "allowed.txt").write_text("\n".join(sorted(allowed)))
-    under_filter = [sys.executable, Path(__file__).with_name("seccomp_exec.py"),
-                    tmp_path / "allowed.txt", "--"]
+    under_filter = [
+        sys.executable,
+        Path(__file__).with_name("seccomp_exec.py"),
+        tmp_path / "allowed.txt",
+        "--",
+    ]
     # The filter is in force: setpriority (@resources) is refused, as systemd would.
     refused = run(*under_filter, sys.executable, "-c", "import os; os.setpriority(0, 0, 1)")
     assert refused.returncode != 0 and "Operation not permitted" in refused.stderr, refused
@@ -170,7 +183,9 @@ def test_daemon_runs_workers_under_the_units_syscall_filter(tmp_path: Path) -> N
     daemon.log = daemon.log_path.open("ab")
     daemon.proc = subprocess.Popen(
         [*under_filter, *POLLER, "run", "--config", str(config)],
-        stdout=daemon.log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        stdout=daemon.log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
     )
     try:
         daemon.wait_ready()

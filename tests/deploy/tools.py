@@ -25,14 +25,18 @@ INSTALL = {
 def require(tool: str) -> str:
     """The path of `tool`; fails the test with the install command when it is missing."""
     # The virtualenv's bin first: pip-installed tools are there even when it is not activated.
-    path = shutil.which(tool, path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                    os.environ.get("PATH", os.defpath)]))
+    path = shutil.which(
+        tool,
+        path=os.pathsep.join(
+            [str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]
+        ),
+    )
     if path is None:
-        pytest.fail(f"{tool} is not installed: {INSTALL[tool]} (.ci/run does this)",
-                    pytrace=False)
+        pytest.fail(f"{tool} is not installed: {INSTALL[tool]} (.ci/run does this)", pytrace=False)
     return path
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(part) for part in command], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return subprocess.run(
+        [str(part) for part in command], capture_output=True, text=True, timeout=120, cwd=cwd
+    )

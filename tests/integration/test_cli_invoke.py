@@ -69,8 +69,15 @@ def config(tmp_path: Path) -> Path:
 
 
 def test_invoke_prints_the_response_and_exits_0(config: Path) -> None:
-    done = poller("invoke", "echo", "--payload", '{"hello": "world"}', "--config", str(config),
-                  cwd=config.parent)
+    done = poller(
+        "invoke",
+        "echo",
+        "--payload",
+        '{"hello": "world"}',
+        "--config",
+        str(config),
+        cwd=config.parent,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"hello": "world"}
     assert done.stderr == ""
@@ -84,8 +91,9 @@ def test_invoke_reads_the_default_config_and_a_payload_file(config: Path) -> Non
     done = poller("invoke", "echo", "--payload-file", str(payload), cwd=config.parent)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"from": "file"}
-    from_stdin = poller("invoke", "echo", "--payload-file", "-", cwd=config.parent,
-                        stdin='{"from": "stdin"}')
+    from_stdin = poller(
+        "invoke", "echo", "--payload-file", "-", cwd=config.parent, stdin='{"from": "stdin"}'
+    )
     assert json.loads(from_stdin.stdout) == {"from": "stdin"}
     default = poller("invoke", "echo", cwd=config.parent)
     assert json.loads(default.stdout) == {}
@@ -114,8 +122,9 @@ def test_invoke_runtime_failures_exit_1(config: Path, function: str, error_type:
 
 
 def test_log_type_tail_prints_the_last_4_kb_of_logs_on_stderr(config: Path) -> None:
-    done = poller("invoke", "chatty", "--payload", '{"lines": 300}', "--log-type", "Tail",
-                  cwd=config.parent)
+    done = poller(
+        "invoke", "chatty", "--payload", '{"lines": 300}', "--log-type", "Tail", cwd=config.parent
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"lines": 300}
     assert len(done.stderr.encode()) <= 4096
@@ -130,8 +139,15 @@ def test_log_type_tail_prints_the_last_4_kb_of_logs_on_stderr(config: Path) -> N
 
 
 def test_log_type_tail_on_a_function_error(config: Path) -> None:
-    done = poller("invoke", "chatty", "--payload", '{"lines": 2, "fail": true}',
-                  "--log-type", "Tail", cwd=config.parent)
+    done = poller(
+        "invoke",
+        "chatty",
+        "--payload",
+        '{"lines": 2, "fail": true}',
+        "--log-type",
+        "Tail",
+        cwd=config.parent,
+    )
     assert done.returncode == 1
     assert json.loads(done.stdout)["errorType"] == "RuntimeError"
     stderr = done.stderr
@@ -165,9 +181,9 @@ def test_functions_list(config: Path) -> None:
 @pytest.mark.parametrize(
     ("snippet", "key"),
     [
-        ('memory_mb = 64', "functions[0].memory_mb"),
-        ('memory_mb = 20000', "functions[0].memory_mb"),
-        ('timeout_s = 0', "functions[0].timeout_s"),
+        ("memory_mb = 64", "functions[0].memory_mb"),
+        ("memory_mb = 20000", "functions[0].memory_mb"),
+        ("timeout_s = 0", "functions[0].timeout_s"),
         ('colour = "blue"', "functions[0].colour"),
     ],
 )

@@ -22,7 +22,7 @@ from tests.daemon_helpers import POLLER, DaemonProcess, cli, wait_for
 from tests.servers import free_port
 
 HANDLER = textwrap.dedent(
-    '''
+    """
     import json, os
 
     def handle(event, context):
@@ -47,7 +47,7 @@ HANDLER = textwrap.dedent(
         with open(os.environ["OUT"], "a") as f:
             for r in event["Records"]:
                 f.write(r["body"] + "\\n")
-    '''
+    """
 )
 
 
@@ -115,11 +115,23 @@ def test_local_queue_end_to_end_nothing_lost(
     config = write_config(tmp_path, port)
     daemon = daemon_factory(config, port)
     source = "local://jobs?visibility_timeout=1&max_receive_count=3"
-    created = json.loads(cli(
-        config, "mappings", "create", "--function-name", "handle", "--event-source-arn", source,
-        "--batch-size", "50", "--maximum-batching-window-in-seconds", "1",
-        "--function-response-types", "ReportBatchItemFailures",
-    ).stdout)
+    created = json.loads(
+        cli(
+            config,
+            "mappings",
+            "create",
+            "--function-name",
+            "handle",
+            "--event-source-arn",
+            source,
+            "--batch-size",
+            "50",
+            "--maximum-batching-window-in-seconds",
+            "1",
+            "--function-response-types",
+            "ReportBatchItemFailures",
+        ).stdout
+    )
     assert created["State"] == "Enabled" and len(created["UUID"]) == 36
     bodies = _bodies(1000)
     (tmp_path / "bodies.txt").write_text("\n".join(bodies) + "\npoison\n")
@@ -143,8 +155,9 @@ def test_local_queue_end_to_end_nothing_lost(
     )
 
     def queues() -> tuple[list[str], list[str]]:
-        out = subprocess.run([sys.executable, "-c", dlq_script], capture_output=True,
-                             text=True, check=True).stdout.splitlines()
+        out = subprocess.run(
+            [sys.executable, "-c", dlq_script], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         return json.loads(out[0]), json.loads(out[1])
 
     wait_for(lambda: queues() == ([], ["poison"]), 30, "poison message in the DLQ")
@@ -169,8 +182,17 @@ def test_mapping_changes_reach_running_daemon(
     port = free_port()
     config = write_config(tmp_path, port)
     daemon = daemon_factory(config, port)
-    uuid = json.loads(cli(config, "mappings", "create", "--function-name", "handle",
-                          "--event-source-arn", "local://live").stdout)["UUID"]
+    uuid = json.loads(
+        cli(
+            config,
+            "mappings",
+            "create",
+            "--function-name",
+            "handle",
+            "--event-source-arn",
+            "local://live",
+        ).stdout
+    )["UUID"]
     cli(config, "send", "local://live", "--body", "one")
     wait_for(lambda: handled(tmp_path) == ["one"], 5, "created mapping to run")
 
@@ -211,8 +233,11 @@ def test_sigterm_drains_in_flight_batch(
     config = write_config(tmp_path, port, extra, SLEEP="3")
     daemon = daemon_factory(config, port)
     cli(config, "send", "local://slowq", "--body", "drain-me")
-    wait_for(lambda: any(r.get("type") == "platform.start" for r in daemon.log_records()), 10,
-             "the slow invoke to start")
+    wait_for(
+        lambda: any(r.get("type") == "platform.start" for r in daemon.log_records()),
+        10,
+        "the slow invoke to start",
+    )
     started = time.monotonic()
     assert daemon.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started >= 1.5  # it waited for the invoke
@@ -239,18 +264,22 @@ def test_http_endpoints(tmp_path: Path, daemon_factory: Callable[..., DaemonProc
 def test_bad_config_and_unreachable_store_exit_nonzero(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[functions]]\nname = "f"\nhandler = "m.h"\nmemory_mb = 64\n')
-    result = subprocess.run([*POLLER, "run", "--config", str(bad)], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [*POLLER, "run", "--config", str(bad)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert "functions[0].memory_mb" in result.stderr and str(bad) in result.stderr
 
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where a directory should be")
     store = tmp_path / "store.toml"
-    store.write_text(f'[state]\nurl = "sqlite:///{blocked}/sub/state.db"\n'
-                     f'[daemon]\nhttp_listen = "127.0.0.1:{free_port()}"\n')
-    result = subprocess.run([*POLLER, "run", "--config", str(store)], capture_output=True,
-                            text=True, timeout=30)
+    store.write_text(
+        f'[state]\nurl = "sqlite:///{blocked}/sub/state.db"\n'
+        f'[daemon]\nhttp_listen = "127.0.0.1:{free_port()}"\n'
+    )
+    result = subprocess.run(
+        [*POLLER, "run", "--config", str(store)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1
     assert "state store" in result.stdout
 
@@ -264,22 +293,29 @@ def test_sqs_end_to_end_with_native_redrive(
         session = get_session()
         async with session.create_client("sqs", **aws_env.client_kwargs()) as sqs:
             dlq = await sqs.create_queue(QueueName="e2e-dlq")
-            attrs = await sqs.get_queue_attributes(QueueUrl=dlq["QueueUrl"],
-                                                   AttributeNames=["QueueArn"])
-            await sqs.create_queue(QueueName="e2e", Attributes={
-                "VisibilityTimeout": "4",
-                "RedrivePolicy": json.dumps({
-                    "deadLetterTargetArn": attrs["Attributes"]["QueueArn"],
-                    "maxReceiveCount": "3",
-                }),
-            })
+            attrs = await sqs.get_queue_attributes(
+                QueueUrl=dlq["QueueUrl"], AttributeNames=["QueueArn"]
+            )
+            await sqs.create_queue(
+                QueueName="e2e",
+                Attributes={
+                    "VisibilityTimeout": "4",
+                    "RedrivePolicy": json.dumps(
+                        {
+                            "deadLetterTargetArn": attrs["Attributes"]["QueueArn"],
+                            "maxReceiveCount": "3",
+                        }
+                    ),
+                },
+            )
             return str(dlq["QueueUrl"])
 
     async def dlq_bodies(url: str) -> list[str]:
         session = get_session()
         async with session.create_client("sqs", **aws_env.client_kwargs()) as sqs:
-            got = await sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
-                                            VisibilityTimeout=0)
+            got = await sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0
+            )
             return [m["Body"] for m in got.get("Messages", [])]
 
     dlq_url = asyncio.run(make_queues())
@@ -299,9 +335,19 @@ def test_sqs_end_to_end_with_native_redrive(
     finally:
         os.environ.clear()
         os.environ.update(env_backup)
-    cli(config, "mappings", "create", "--function-name", "handle", "--event-source-arn",
-        "sqs://e2e", "--batch-size", "10", "--function-response-types",
-        "ReportBatchItemFailures")
+    cli(
+        config,
+        "mappings",
+        "create",
+        "--function-name",
+        "handle",
+        "--event-source-arn",
+        "sqs://e2e",
+        "--batch-size",
+        "10",
+        "--function-response-types",
+        "ReportBatchItemFailures",
+    )
     bodies = _bodies(300)
     (tmp_path / "bodies.txt").write_text("\n".join(bodies) + "\npoison\n")
     cli(config, "send", "sqs://e2e", "--file", str(tmp_path / "bodies.txt"))
@@ -328,8 +374,11 @@ def test_second_signal_exits_at_once_and_nothing_is_lost(
     config = write_config(tmp_path, port, extra, SLEEP="4")
     daemon = daemon_factory(config, port)
     cli(config, "send", "local://slowq", "--body", "interrupted")
-    wait_for(lambda: any(r.get("type") == "platform.start" for r in daemon.log_records()), 10,
-             "the slow invoke to start")
+    wait_for(
+        lambda: any(r.get("type") == "platform.start" for r in daemon.log_records()),
+        10,
+        "the slow invoke to start",
+    )
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -389,9 +438,14 @@ def test_readme_quick_start(tmp_path: Path, daemon_factory: Callable[..., Daemon
     daemon = daemon_factory(config, port)
     cli(config, "send", "local://orders", "--body", '{"id": 1}')
     wait_for(
-        lambda: any(r.get("type") == "platform.report" and r.get("function") == "validate"
-                    and r.get("status") == "success" for r in daemon.log_records()),
-        10, "the example mapping to invoke handlers.validate",
+        lambda: any(
+            r.get("type") == "platform.report"
+            and r.get("function") == "validate"
+            and r.get("status") == "success"
+            for r in daemon.log_records()
+        ),
+        10,
+        "the example mapping to invoke handlers.validate",
     )
     _, text = daemon.http("/metrics")
     assert 'poller_deleted_events_total{function="validate"' in text

@@ -27,8 +27,9 @@ def receive(sock: socket.socket, timeout: float) -> bytes | None:
 def test_ready_after_every_runner_started_and_stopping_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "config.toml"
-    config.write_text(textwrap.dedent(
-        f"""
+    config.write_text(
+        textwrap.dedent(
+            f"""
         [daemon]
         http_listen = "127.0.0.1:{port}"
         shutdown_grace_s = 5
@@ -37,13 +38,17 @@ def test_ready_after_every_runner_started_and_stopping_on_sigterm(tmp_path: Path
         name = "noop"
         handler = "noop.handler"
         """
-    ))
+        )
+    )
     (tmp_path / "noop.py").write_text("def handler(event, context):\n    return None\n")
     # A mapping whose source refuses connections: its runner cannot start, so the daemon is
     # not ready (the runner retries) until the mapping is disabled.
     closed = f"redis-queue://127.0.0.1:{free_port()}/jobs"
-    uuid = json.loads(cli(config, "mappings", "create", "--function-name", "noop",
-                          "--event-source-arn", closed).stdout)["UUID"]
+    uuid = json.loads(
+        cli(
+            config, "mappings", "create", "--function-name", "noop", "--event-source-arn", closed
+        ).stdout
+    )["UUID"]
 
     notify_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -52,7 +57,9 @@ def test_ready_after_every_runner_started_and_stopping_on_sigterm(tmp_path: Path
         daemon.log = daemon.log_path.open("ab")
         daemon.proc = subprocess.Popen(
             [*POLLER, "run", "--config", str(config)],
-            stdout=daemon.log, stderr=subprocess.STDOUT, cwd=tmp_path,
+            stdout=daemon.log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
             env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
         )
         try:

@@ -32,14 +32,14 @@ KEY = "jobs"
 GROUP = "engine-group"
 
 HANDLER = textwrap.dedent(
-    '''
+    """
     import os, time
 
     def record(event, context):
         time.sleep(float(os.environ["SLEEP"]))
         with open(os.environ["OUT"], "a") as f:
             f.write("".join(r["body"] + "\\n" for r in event["Records"]))
-    '''
+    """
 )
 
 
@@ -57,7 +57,10 @@ def _uri(server: RedisServer, query: str) -> str:
 def _runtime(tmp_path: Path, sleep_s: float) -> Runtime:
     (tmp_path / "engine_redis_handler.py").write_text(HANDLER)
     config = FunctionConfig(
-        name="f", handler="engine_redis_handler.record", code_path=str(tmp_path), timeout_s=10,
+        name="f",
+        handler="engine_redis_handler.record",
+        code_path=str(tmp_path),
+        timeout_s=10,
         environment={"OUT": str(tmp_path / "out.txt"), "SLEEP": str(sleep_s)},
     )
     return Runtime([config], memory_budget_mb=4096, log=JsonLog(open("/dev/null", "wb")))
@@ -68,17 +71,27 @@ def _handled(tmp_path: Path) -> list[str]:
     return out.read_text().splitlines() if out.exists() else []
 
 
-def _runner(uri: str, runtime: Runtime, log: JsonLog, *, batch_size: int,
-            concurrency: int) -> QueueRunner:
+def _runner(
+    uri: str, runtime: Runtime, log: JsonLog, *, batch_size: int, concurrency: int
+) -> QueueRunner:
     source = _queue(uri, group=GROUP)
     settings = QueueSettings(
-        uuid=str(uuid.uuid4()), function_name="f", batch_size=batch_size,
-        batching_window_s=0.0, report_batch_item_failures=False,
-        maximum_concurrency=concurrency, max_payload_bytes=6 * 1024 * 1024,
+        uuid=str(uuid.uuid4()),
+        function_name="f",
+        batch_size=batch_size,
+        batching_window_s=0.0,
+        report_batch_item_failures=False,
+        maximum_concurrency=concurrency,
+        max_payload_bytes=6 * 1024 * 1024,
     )
-    return QueueRunner(settings, source, runtime.pool("f"), log=log,
-                       metrics=MappingMetrics(settings.uuid, "f"),
-                       policy=ConcurrencyPolicy(concurrency))
+    return QueueRunner(
+        settings,
+        source,
+        runtime.pool("f"),
+        log=log,
+        metrics=MappingMetrics(settings.uuid, "f"),
+        policy=ConcurrencyPolicy(concurrency),
+    )
 
 
 async def _wait_for(condition: Callable[[], Any], within: float, what: str) -> None:
@@ -135,13 +148,14 @@ async def test_redis_killed_mid_drain_loses_nothing_and_logs_once(
     admin = aioredis.Redis(host=persistent_redis.host, port=persistent_redis.port)
     for start in range(0, len(bodies), 100):
         async with admin.pipeline(transaction=False) as pipe:
-            for body in bodies[start:start + 100]:
+            for body in bodies[start : start + 100]:
                 pipe.xadd(KEY, {"body": body})
             await pipe.execute()
     await admin.aclose()
     connected = "poller_source_connected"
     task = asyncio.create_task(runner.run())
     try:
+
         async def some_handled() -> bool:
             return len(_handled(tmp_path)) >= 50
 

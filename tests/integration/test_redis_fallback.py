@@ -76,8 +76,10 @@ def test_without_redis_server_the_wheel_valkey_serves(started: RedisServer) -> N
         client.xreadgroup("g", "c1", {"s": ">"})
         _cursor, claimed, _deleted = client.xautoclaim("s", "g", "c2", min_idle_time=0)
         assert [entry_id for entry_id, _fields in claimed] == [entry]
-        assert client.eval("return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])", 1,
-                           "s", "g", entry) == 1
+        assert (
+            client.eval("return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])", 1, "s", "g", entry)
+            == 1
+        )
 
 
 @needs_wheel
@@ -120,8 +122,10 @@ def test_tls_proxy_in_front_of_the_wheel_valkey(started: TlsRedisServer) -> None
         plain.sendall(b"*1\r\n$4\r\nPING\r\n")
         with contextlib.suppress(ConnectionResetError):
             assert b"PONG" not in plain.recv(64)
-    with redis.Redis.from_url(server.url, socket_timeout=5) as untrusted, \
-            pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+    with (
+        redis.Redis.from_url(server.url, socket_timeout=5) as untrusted,
+        pytest.raises(redis.ConnectionError, match="certificate verify failed"),
+    ):
         untrusted.ping()
 
     # The server dying alone takes the proxy down: a crash shows as a stopped server.

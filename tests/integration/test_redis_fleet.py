@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 import signal
 import textwrap
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 from tests.daemon_helpers import DaemonProcess, cli, wait_for
 from tests.servers import free_port
 
 HANDLER = textwrap.dedent(
-    '''
+    """
     import os
 
     def handler(event, context):
         with open(os.environ["OUT"], "a") as f:
             f.write("".join(f"{os.getppid()} {r['body']}\\n" for r in event["Records"]))
-    '''
+    """
 )
 
 
@@ -30,8 +30,9 @@ def _config(tmp: Path, name: str, redis_url: str) -> tuple[Path, int]:
     directory.mkdir()
     (directory / "fleet_handler.py").write_text(HANDLER)
     config = directory / "config.toml"
-    config.write_text(textwrap.dedent(
-        f"""
+    config.write_text(
+        textwrap.dedent(
+            f"""
         [daemon]
         http_listen = "127.0.0.1:{port}"
 
@@ -42,9 +43,10 @@ def _config(tmp: Path, name: str, redis_url: str) -> tuple[Path, int]:
         [[functions]]
         name = "fleet"
         handler = "fleet_handler.handler"
-        environment = {{ OUT = "{tmp / 'handled.txt'}" }}
+        environment = {{ OUT = "{tmp / "handled.txt"}" }}
         """
-    ))
+        )
+    )
     return config, port
 
 
@@ -56,17 +58,33 @@ def test_two_daemons_share_registry_and_group(tmp_path: Path, redis_url: str) ->
         for daemon in daemons:
             daemon.start()
         source = redis_url.replace("redis://", "redis-queue://") + "/jobs?start=0"
-        created = json.loads(cli(config_a, "mappings", "create", "--function-name", "fleet",
-                                 "--event-source-arn", source, "--batch-size", "5").stdout)
+        created = json.loads(
+            cli(
+                config_a,
+                "mappings",
+                "create",
+                "--function-name",
+                "fleet",
+                "--event-source-arn",
+                source,
+                "--batch-size",
+                "5",
+            ).stdout
+        )
         created_at = time.time()
         # Daemon B sees the mapping daemon A's CLI wrote.
         listed = json.loads(cli(config_b, "mappings", "list").stdout)["EventSourceMappings"]
         assert [m["UUID"] for m in listed] == [created["UUID"]]
 
         def started_at(daemon: DaemonProcess) -> float | None:
-            return next((datetime.fromisoformat(r["timestamp"]).timestamp()
-                         for r in daemon.log_records()
-                         if r.get("message") == "mapping runner started"), None)
+            return next(
+                (
+                    datetime.fromisoformat(r["timestamp"]).timestamp()
+                    for r in daemon.log_records()
+                    if r.get("message") == "mapping runner started"
+                ),
+                None,
+            )
 
         for daemon in daemons:
             wait_for(lambda d=daemon: started_at(d) is not None, 10, "runner start")

@@ -42,7 +42,10 @@ def _queue(
 ) -> RedisQueue:
     """The queue a mapping with UUID ``group`` reads (group None: a sender's)."""
     context = SourceContext(
-        config=config or Config(), store=None, log=JsonLog(), mapping_uuid=group  # type: ignore[arg-type]
+        config=config or Config(),
+        store=None,
+        log=JsonLog(),
+        mapping_uuid=group,  # type: ignore[arg-type]
     )
     return redis_queue.open_queue(parse_event_source(uri), context)  # type: ignore[arg-type]
 
@@ -83,9 +86,10 @@ async def _pending(admin: aioredis.Redis, group: str = "mapping-uuid") -> int:
 
 
 async def test_ack_on_success(redis_server: RedisServer, redis_url: str) -> None:
-    async with _started(_uri(redis_server, "visibility_timeout=1")) as queue, _admin(
-        redis_server
-    ) as admin:
+    async with (
+        _started(_uri(redis_server, "visibility_timeout=1")) as queue,
+        _admin(redis_server) as admin,
+    ):
         assert await queue.send(["a", "b", "c"]) == 3
         messages = await _receive_all(queue, 3)
         assert [m.body for m in messages] == ["a", "b", "c"]
@@ -103,9 +107,10 @@ async def test_ack_on_success(redis_server: RedisServer, redis_url: str) -> None
 
 
 async def test_delete_on_ack_removes_entries(redis_server: RedisServer, redis_url: str) -> None:
-    async with _started(_uri(redis_server, "delete_on_ack=true")) as queue, _admin(
-        redis_server
-    ) as admin:
+    async with (
+        _started(_uri(redis_server, "delete_on_ack=true")) as queue,
+        _admin(redis_server) as admin,
+    ):
         await queue.send(["a", "b"])
         await queue.delete(await _receive_all(queue, 2))
         assert await admin.xlen(KEY) == 0
@@ -146,9 +151,7 @@ async def test_redelivery_counts_every_receive(redis_server: RedisServer, redis_
         assert 1.9 < time.monotonic() - started < 4.5
 
 
-async def test_send_via_factory_and_record_shape(
-    redis_server: RedisServer, redis_url: str
-) -> None:
+async def test_send_via_factory_and_record_shape(redis_server: RedisServer, redis_url: str) -> None:
     uri = _uri(redis_server, "visibility_timeout=1", auth="")
     sender = _queue(uri, group=None)
     assert isinstance(sender, RedisQueue)
@@ -161,8 +164,15 @@ async def test_send_via_factory_and_record_shape(
         after = time.time() * 1000
     record = message.record
     reference = sqs_record(
-        message_id="x", receipt_handle="x", body="x", receive_count=1, sent_ms=1,
-        first_receive_ms=1, event_source="x", event_source_arn="x", region="x",
+        message_id="x",
+        receipt_handle="x",
+        body="x",
+        receive_count=1,
+        sent_ms=1,
+        first_receive_ms=1,
+        event_source="x",
+        event_source_arn="x",
+        region="x",
     )
     # Same keys as every other queue source's records (events.sqs_record), plus the MD5 of
     # the attributes SQS adds when there are some.
@@ -176,8 +186,12 @@ async def test_send_via_factory_and_record_shape(
     assert record["eventSourceARN"] == uri
     assert record["awsRegion"] == "local"
     assert record["messageAttributes"] == {
-        "trace": {"stringValue": "t-1", "stringListValues": [], "binaryListValues": [],
-                  "dataType": "String"}
+        "trace": {
+            "stringValue": "t-1",
+            "stringListValues": [],
+            "binaryListValues": [],
+            "dataType": "String",
+        }
     }
     attributes = record["attributes"]
     assert attributes["ApproximateReceiveCount"] == "1"
@@ -207,10 +221,15 @@ async def test_plain_entries_encode_exactly_as_the_reference_record(
         attributes = json.loads(message.encoded)["attributes"]
         first_receive = attributes["ApproximateFirstReceiveTimestamp"]
         reference = sqs_record(
-            message_id=message.id, receipt_handle=message.id, body=message.body,
-            receive_count=1, sent_ms=int(message.id.split("-")[0]),
-            first_receive_ms=int(first_receive), event_source="aws:sqs",
-            event_source_arn=uri, region="local",
+            message_id=message.id,
+            receipt_handle=message.id,
+            body=message.body,
+            receive_count=1,
+            sent_ms=int(message.id.split("-")[0]),
+            first_receive_ms=int(first_receive),
+            event_source="aws:sqs",
+            event_source_arn=uri,
+            region="local",
         )
         assert message.encoded == msgspec.json.encode(reference), message.body
         assert message.size == len(message.encoded)
@@ -233,8 +252,9 @@ async def test_send_refuses_delay_and_body_attribute(
 
 async def test_eventsource_arn_has_no_password(redis_server: RedisServer, redis_url: str) -> None:
     async with _admin(redis_server) as admin:
-        await admin.execute_command("ACL", "SETUSER", "arnuser", "on", ">pw-123", "~*", "&*",
-                                    "+@all")
+        await admin.execute_command(
+            "ACL", "SETUSER", "arnuser", "on", ">pw-123", "~*", "&*", "+@all"
+        )
         try:
             uri = _uri(redis_server, auth="arnuser:pw-123@")
             async with _started(uri) as queue:
@@ -308,9 +328,10 @@ async def test_dead_letter_moves_entry_with_reason_and_acks(
 async def test_dead_letter_default_stream_and_delete_on_ack(
     redis_server: RedisServer, redis_url: str
 ) -> None:
-    async with _started(_uri(redis_server, "delete_on_ack=true")) as queue, _admin(
-        redis_server
-    ) as admin:
+    async with (
+        _started(_uri(redis_server, "delete_on_ack=true")) as queue,
+        _admin(redis_server) as admin,
+    ):
         await queue.send(["too big"])
         messages = await _receive_all(queue, 1)
         await queue.dead_letter(messages, "record larger than the event limit")
@@ -548,8 +569,9 @@ async def test_password_from_environment_variable(
     config = Config(redis=RedisConfig(password_env="POLLER_TEST_REDIS_PASSWORD"))
     uri = _uri(redis_server, auth="envuser@")
     async with _admin(redis_server) as admin:
-        await admin.execute_command("ACL", "SETUSER", "envuser", "on", ">from-env", "~*", "&*",
-                                    "+@all")
+        await admin.execute_command(
+            "ACL", "SETUSER", "envuser", "on", ">from-env", "~*", "&*", "+@all"
+        )
         try:
             monkeypatch.delenv("POLLER_TEST_REDIS_PASSWORD", raising=False)
             missing = _queue(uri, config=config)
@@ -701,7 +723,7 @@ async def test_crash_loses_nothing_with_persistence(persistent_redis: RedisServe
 
 # -- end to end --------------------------------------------------------------------------------
 
-_HANDLER = '''
+_HANDLER = """
 import json, os
 
 def handle(event, context):
@@ -714,7 +736,7 @@ def handle(event, context):
     with open(os.environ["OUT"], "a") as f:
         f.write("".join(lines))
     return {"batchItemFailures": failures}
-'''
+"""
 
 
 @pytest.mark.timeout(120)
@@ -732,21 +754,36 @@ def test_daemon_end_to_end(redis_server: RedisServer, redis_url: str, tmp_path: 
         '[[functions]]\nname = "handle"\nhandler = "e2e_redis_handler.handle"\n'
         f'timeout_s = 10\nenvironment = {{ OUT = "{out}" }}\n'
     )
-    uri = _uri(redis_server, "visibility_timeout=1&max_receive_count=2&dead_letter=jobs-dlq",
-               key="jobs")
+    uri = _uri(
+        redis_server, "visibility_timeout=1&max_receive_count=2&dead_letter=jobs-dlq", key="jobs"
+    )
     admin = redis.Redis(host=redis_server.host, port=redis_server.port)
     daemon = DaemonProcess(config, http_port)
     try:
         daemon.start()  # returns once /readyz answers 200
-        created = json.loads(cli(
-            config, "mappings", "create", "--function-name", "handle", "--event-source-arn", uri,
-            "--batch-size", "10", "--function-response-types", "ReportBatchItemFailures",
-        ).stdout)
+        created = json.loads(
+            cli(
+                config,
+                "mappings",
+                "create",
+                "--function-name",
+                "handle",
+                "--event-source-arn",
+                uri,
+                "--batch-size",
+                "10",
+                "--function-response-types",
+                "ReportBatchItemFailures",
+            ).stdout
+        )
         # The runner creates the group (named after the mapping) at $: wait for it.
         wait_for(
-            lambda: admin.exists("jobs")
-            and any(g["name"].decode() == created["UUID"] for g in admin.xinfo_groups("jobs")),
-            15, "the consumer group",
+            lambda: (
+                admin.exists("jobs")
+                and any(g["name"].decode() == created["UUID"] for g in admin.xinfo_groups("jobs"))
+            ),
+            15,
+            "the consumer group",
         )
         bodies = [f"msg-{i}" for i in range(300)]
         (tmp_path / "bodies.txt").write_text("\n".join([*bodies, "poison"]) + "\n")

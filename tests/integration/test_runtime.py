@@ -240,7 +240,9 @@ async def test_exception_shape_without_runtime_frames_and_env_stays_warm() -> No
     # The runtime logs the error the way awslambdaric does.
     records = logs.for_request(result.request_id)
     kinds = [r["type"] for r in records]
-    messages = [r["message"] for r in records[kinds.index("platform.start"):] if r["type"] == "function"]
+    messages = [
+        r["message"] for r in records[kinds.index("platform.start") :] if r["type"] == "function"
+    ]
     assert messages[:2] == ["[ERROR] ValueError: bad input", "Traceback (most recent call last):"]
     assert any("in _inner" in m for m in messages)
     report = logs.for_request(result.request_id)[-1]
@@ -352,7 +354,9 @@ async def test_a_big_daemon_does_not_count_against_its_workers_memory() -> None:
     assert small.max_memory_mb < 60
     assert grown.outcome is Outcome.OK, grown.payload
     assert 60 < grown.max_memory_mb <= 128
-    assert logs.for_request(small.request_id)[-1]["metrics"]["maxMemoryUsedMB"] == small.max_memory_mb
+    assert (
+        logs.for_request(small.request_id)[-1]["metrics"]["maxMemoryUsedMB"] == small.max_memory_mb
+    )
 
 
 @pytest.mark.parametrize(
@@ -394,18 +398,32 @@ async def test_crash_takes_the_handlers_children_with_it() -> None:
 @pytest.mark.parametrize(
     ("handler", "error_type", "message"),
     [
-        ("rt_no_such_module.handler", "Runtime.ImportModuleError",
-         "Unable to import module 'rt_no_such_module': No module named 'rt_no_such_module'"),
-        ("rt_import_missing_dependency.handler", "Runtime.ImportModuleError",
-         "Unable to import module 'rt_import_missing_dependency': "
-         "No module named 'rt_this_dependency_is_not_installed'"),
-        ("rt_handlers.no_such_function", "Runtime.HandlerNotFound",
-         "Handler 'no_such_function' missing on module 'rt_handlers'"),
-        ("rt_handlers.NOT_CALLABLE", "Runtime.HandlerNotFound",
-         "Handler 'NOT_CALLABLE' on module 'rt_handlers' is not callable"),
-        ("handler_without_module", "Runtime.MalformedHandlerName",
-         "Bad handler 'handler_without_module': not enough values to unpack "
-         "(expected 2, got 1)"),
+        (
+            "rt_no_such_module.handler",
+            "Runtime.ImportModuleError",
+            "Unable to import module 'rt_no_such_module': No module named 'rt_no_such_module'",
+        ),
+        (
+            "rt_import_missing_dependency.handler",
+            "Runtime.ImportModuleError",
+            "Unable to import module 'rt_import_missing_dependency': "
+            "No module named 'rt_this_dependency_is_not_installed'",
+        ),
+        (
+            "rt_handlers.no_such_function",
+            "Runtime.HandlerNotFound",
+            "Handler 'no_such_function' missing on module 'rt_handlers'",
+        ),
+        (
+            "rt_handlers.NOT_CALLABLE",
+            "Runtime.HandlerNotFound",
+            "Handler 'NOT_CALLABLE' on module 'rt_handlers' is not callable",
+        ),
+        (
+            "handler_without_module",
+            "Runtime.MalformedHandlerName",
+            "Bad handler 'handler_without_module': not enough values to unpack (expected 2, got 1)",
+        ),
         ("rt_init_raises.handler", "RuntimeError", "cannot connect to the database at import"),
     ],
 )
@@ -533,9 +551,16 @@ async def test_environment_is_declared_inherited_and_reserved_only(
     assert "/usr/bin" in env["PATH"].split(":")
     assert env["TMPDIR"]
     reserved = {
-        "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_VERSION",
-        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_LOG_GROUP_NAME",
-        "AWS_LAMBDA_LOG_STREAM_NAME", "_HANDLER", "LAMBDA_TASK_ROOT", "TZ", "PATH", "TMPDIR",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "_HANDLER",
+        "LAMBDA_TASK_ROOT",
+        "TZ",
+        "PATH",
+        "TMPDIR",
     }
     # Nothing else: no daemon variable, none of the runtime's plumbing. (CPython itself may add
     # LC_CTYPE when it coerces the C locale to UTF-8.)
@@ -544,8 +569,11 @@ async def test_environment_is_declared_inherited_and_reserved_only(
 
 
 async def test_tz_and_path_may_be_overridden_as_in_lambda() -> None:
-    config = fn("environment", name="tz-fn",
-                environment={"TZ": "Europe/Paris", "PATH": "/opt/bin:/usr/bin:/bin"})
+    config = fn(
+        "environment",
+        name="tz-fn",
+        environment={"TZ": "Europe/Paris", "PATH": "/opt/bin:/usr/bin:/bin"},
+    )
     async with make_runtime(config) as (runtime, _):
         result = await runtime.invoke("tz-fn", b"{}")
     env = json.loads(result.payload)
@@ -592,10 +620,27 @@ async def test_log_lines_start_output_end_report_with_request_ids() -> None:
         expected_output = ["line one", "line two", "via context.log", "no newline at the end"]
         if result is cold:
             # Module-level output belongs to the invoke that caused the cold start, before START.
-            assert kinds == ["function", "platform.start", "function", "function", "function", "function", "platform.runtimeDone", "platform.report"]
+            assert kinds == [
+                "function",
+                "platform.start",
+                "function",
+                "function",
+                "function",
+                "function",
+                "platform.runtimeDone",
+                "platform.report",
+            ]
             assert messages == ["rt_handlers: module imported", *expected_output]
         else:
-            assert kinds == ["platform.start", "function", "function", "function", "function", "platform.runtimeDone", "platform.report"]
+            assert kinds == [
+                "platform.start",
+                "function",
+                "function",
+                "function",
+                "function",
+                "platform.runtimeDone",
+                "platform.report",
+            ]
             assert messages == expected_output
         report = records[-1]
         assert report["metrics"]["durationMs"] == pytest.approx(result.duration_ms, abs=0.01)
@@ -637,5 +682,6 @@ async def test_many_log_lines_all_arrive_before_end() -> None:
     records = logs.for_request(result.request_id)
     kinds = [r["type"] for r in records]
     assert kinds.count("function") == 5001  # the module's own line at import, then the handler's
-    assert kinds.index("platform.runtimeDone") > max(i for i, k in enumerate(kinds) if k == "function")
-
+    assert kinds.index("platform.runtimeDone") > max(
+        i for i, k in enumerate(kinds) if k == "function"
+    )

@@ -52,7 +52,9 @@ async def test_reserved_concurrency_throttles_at_once_while_a_slot_is_busy() -> 
         assert after.outcome is Outcome.OK
         assert json.loads(after.payload)["pid"] == json.loads(first.payload)["pid"]
     # A throttled invoke never ran: no START for it.
-    assert not [r for r in logs.for_request(throttled.request_id) if r.get("type") == "platform.start"]
+    assert not [
+        r for r in logs.for_request(throttled.request_id) if r.get("type") == "platform.start"
+    ]
 
 
 async def test_memory_budget_throttles_when_nothing_can_be_evicted() -> None:
@@ -173,8 +175,11 @@ async def test_provisioned_environments_are_replaced_when_they_die() -> None:
         (first,) = env_pids(runtime)
         os.kill(first, signal.SIGKILL)  # dies while idle
         assert await wait_for(
-            lambda: (pids := env_pids(runtime)) != [] and pids != [first]
-            and all(e.state is EnvState.IDLE for e in runtime.pool("f").envs),
+            lambda: (
+                (pids := env_pids(runtime)) != []
+                and pids != [first]
+                and all(e.state is EnvState.IDLE for e in runtime.pool("f").envs)
+            ),
             within_s=5,
         )
         (second,) = env_pids(runtime)
@@ -243,9 +248,11 @@ async def test_close_during_init_and_during_an_invoke_leaves_no_process() -> Non
         initing = asyncio.create_task(runtime.invoke("slow-init", b"{}"))
         busy = asyncio.create_task(runtime.invoke("busy", event({"seconds": 30})))
         assert await wait_for(
-            lambda: len(env_pids(runtime, "slow-init")) == 1
-            and bool(runtime.pool("busy").envs)
-            and all(e.state is EnvState.BUSY for e in runtime.pool("busy").envs)
+            lambda: (
+                len(env_pids(runtime, "slow-init")) == 1
+                and bool(runtime.pool("busy").envs)
+                and all(e.state is EnvState.BUSY for e in runtime.pool("busy").envs)
+            )
         ), (
             [(e.state, e.proc) for p in runtime.pools.values() for e in p.envs],
             initing.done() and initing.result().payload,

@@ -83,7 +83,7 @@ def write_config(tmp: Path, port: int) -> Path:
             name = "sleeper"
             handler = "scaling_handler.handler"
             timeout_s = 10
-            environment = {{ OUT = "{tmp / 'handled.txt'}", SLEEP_S = "{SLEEP_S}" }}
+            environment = {{ OUT = "{tmp / "handled.txt"}", SLEEP_S = "{SLEEP_S}" }}
 
             [[mappings]]
             name = "burst"
@@ -195,17 +195,25 @@ def test_burst_scales_to_bound_drains_and_falls_back(tmp_path: Path, daemon: Dae
         bodies = [f"m-{i}" for i in range(MESSAGES)]
         (tmp_path / "bodies.txt").write_text("\n".join(bodies) + "\n")
         sent_at = time.monotonic()
-        cli(tmp_path / "config.toml", "send", "local://burst", "--file",
-            str(tmp_path / "bodies.txt"))
+        cli(
+            tmp_path / "config.toml",
+            "send",
+            "local://burst",
+            "--file",
+            str(tmp_path / "bodies.txt"),
+        )
 
         def latest() -> Sample:
             return scraper.latest() or Sample(0, 0, 0, 0, 0, 0)
 
-        drained_at = wait_for(lambda: latest().deleted >= MESSAGES, 60,
-                              f"{MESSAGES} messages deleted", daemon)
+        drained_at = wait_for(
+            lambda: latest().deleted >= MESSAGES, 60, f"{MESSAGES} messages deleted", daemon
+        )
         idle_at = wait_for(
-            lambda: latest().target == IDLE_MINIMUM and latest().concurrent == 0, 30,
-            "the target to fall back to the idle minimum", daemon,
+            lambda: latest().target == IDLE_MINIMUM and latest().concurrent == 0,
+            30,
+            "the target to fall back to the idle minimum",
+            daemon,
         )
     finally:
         scraper.stop()
@@ -277,7 +285,9 @@ async def test_burst_depth_readings_fresh_for_every_tick(tmp_path: Path) -> None
     the depth is read about once per tick."""
     (tmp_path / "scaling_handler.py").write_text(HANDLER)
     function = FunctionConfig(
-        name="sleeper", handler="scaling_handler.handler", code_path=str(tmp_path),
+        name="sleeper",
+        handler="scaling_handler.handler",
+        code_path=str(tmp_path),
         environment={"OUT": str(tmp_path / "handled.txt"), "SLEEP_S": str(SLEEP_S)},
     )
     devnull = open(os.devnull, "wb")  # noqa: SIM115, ASYNC230 - closed below
@@ -288,15 +298,24 @@ async def test_burst_depth_readings_fresh_for_every_tick(tmp_path: Path) -> None
     queue = WatchedQueue(store, "burst")
     pool = runtime.pool("sleeper")
     settings = QueueSettings(
-        uuid=str(uuid.uuid4()), function_name="sleeper", batch_size=BATCH,
-        batching_window_s=0.0, report_batch_item_failures=False,
-        maximum_concurrency=BOUND, max_payload_bytes=6 * 1024 * 1024,
+        uuid=str(uuid.uuid4()),
+        function_name="sleeper",
+        batch_size=BATCH,
+        batching_window_s=0.0,
+        report_batch_item_failures=False,
+        maximum_concurrency=BOUND,
+        max_payload_bytes=6 * 1024 * 1024,
     )
     # Built as the daemon builds it (Supervisor._start).
     controller = ScalingController(maximum=concurrency_bound(BOUND, pool), batch_size=BATCH)
-    runner = QueueRunner(settings, queue, pool, log=log,
-                         metrics=MappingMetrics(settings.uuid, "sleeper"),
-                         policy=ScaledConcurrency(controller))
+    runner = QueueRunner(
+        settings,
+        queue,
+        pool,
+        log=log,
+        metrics=MappingMetrics(settings.uuid, "sleeper"),
+        policy=ScaledConcurrency(controller),
+    )
     await runtime.start()
     task = asyncio.get_running_loop().create_task(runner.run())
 
@@ -309,8 +328,11 @@ async def test_burst_depth_readings_fresh_for_every_tick(tmp_path: Path) -> None
         return time.monotonic()
 
     try:
-        await until(lambda: runner.started and runner.target == IDLE_MINIMUM and
-                    len(queue.readings) >= 2, 15, "the idle minimum")
+        await until(
+            lambda: runner.started and runner.target == IDLE_MINIMUM and len(queue.readings) >= 2,
+            15,
+            "the idle minimum",
+        )
         # Idle: the regular cadence, not one reading per tick.
         idle_since = time.monotonic()
         await asyncio.sleep(1.5)

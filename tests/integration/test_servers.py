@@ -76,9 +76,7 @@ async def test_moto_long_poll_waits_without_holding_up_others(aws_env: AwsEnv) -
     async with get_session().create_client("sqs", **aws_env.client_kwargs()) as sqs:
         empty = (await sqs.create_queue(QueueName="empty"))["QueueUrl"]
         busy = (await sqs.create_queue(QueueName="busy"))["QueueUrl"]
-        waiting = asyncio.create_task(
-            sqs.receive_message(QueueUrl=empty, WaitTimeSeconds=10)
-        )
+        waiting = asyncio.create_task(sqs.receive_message(QueueUrl=empty, WaitTimeSeconds=10))
         await asyncio.sleep(0.3)
         # Another receive meanwhile is answered at once, not after the long poll.
         await sqs.send_message(QueueUrl=busy, MessageBody="now")

@@ -22,8 +22,9 @@ def exported_names() -> set[str]:
     names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.add(family.name)
-        names.update(family.name + suffix
-                     for suffix in ("_total", "_bucket", "_sum", "_count", "_created"))
+        names.update(
+            family.name + suffix for suffix in ("_total", "_bucket", "_sum", "_count", "_created")
+        )
     return names
 
 

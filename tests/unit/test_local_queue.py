@@ -403,9 +403,7 @@ async def test_record_message_attributes(store: SqliteStore, clock: Clock) -> No
     assert record["md5OfMessageAttributes"] == "3434443020da9364c68e974e0868a43c"
     assert md5_of_message_attributes(
         {"Zeta": string_attribute("héllo"), "a": string_attribute("1")}
-    ) == (
-        "3434443020da9364c68e974e0868a43c"
-    )
+    ) == ("3434443020da9364c68e974e0868a43c")
 
 
 async def test_record_fifo_attributes(store: SqliteStore, clock: Clock) -> None:

@@ -41,10 +41,20 @@ def test_start_line_matches_the_record() -> None:
     cfg = FunctionConfig(name="fn-1", handler="h.handler")
     line = PlatformLines(cfg).start('odd "id"')
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert _lines(line) == _lines(_emitted([{
-        "timestamp": "2026-01-01T00:00:00.000Z", "level": "INFO", "function": "fn-1", "requestId": 'odd "id"',
-        "type": "platform.start", "version": "$LATEST",
-    }]))
+    assert _lines(line) == _lines(
+        _emitted(
+            [
+                {
+                    "timestamp": "2026-01-01T00:00:00.000Z",
+                    "level": "INFO",
+                    "function": "fn-1",
+                    "requestId": 'odd "id"',
+                    "type": "platform.start",
+                    "version": "$LATEST",
+                }
+            ]
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -61,24 +71,46 @@ def test_end_and_report_lines_match_the_records(
     outcome: Outcome, payload: bytes, init_ms: float | None
 ) -> None:
     cfg = FunctionConfig(name="fn", handler="h.handler", memory_mb=256)
-    result = InvokeResult(outcome, payload, "rid-1", duration_ms=12.3456789, init_ms=init_ms,
-                          max_memory_mb=42)
+    result = InvokeResult(
+        outcome, payload, "rid-1", duration_ms=12.3456789, init_ms=init_ms, max_memory_mb=42
+    )
     data = PlatformLines(cfg).end_and_report(result, 13)
-    status = {Outcome.OK: "success", Outcome.FUNCTION_ERROR: "error",
-              Outcome.TIMEOUT: "timeout", Outcome.CRASHED: "failure"}[outcome]
-    metrics = {"durationMs": 12.346, "billedDurationMs": 13, "memorySizeMB": 256,
-               "maxMemoryUsedMB": 42}
+    status = {
+        Outcome.OK: "success",
+        Outcome.FUNCTION_ERROR: "error",
+        Outcome.TIMEOUT: "timeout",
+        Outcome.CRASHED: "failure",
+    }[outcome]
+    metrics = {
+        "durationMs": 12.346,
+        "billedDurationMs": 13,
+        "memorySizeMB": 256,
+        "maxMemoryUsedMB": 42,
+    }
     if init_ms is not None:
         metrics["initDurationMs"] = round(init_ms, 3)
     report = {
-        "timestamp": "2026-01-01T00:00:00.000Z", "level": "INFO", "function": "fn", "requestId": "rid-1",
-        "type": "platform.report", "status": status, "metrics": metrics,
+        "timestamp": "2026-01-01T00:00:00.000Z",
+        "level": "INFO",
+        "function": "fn",
+        "requestId": "rid-1",
+        "type": "platform.report",
+        "status": status,
+        "metrics": metrics,
     }
     if outcome is not Outcome.OK:
         report["errorType"] = result.error_type
-    expected = _emitted([
-        {"timestamp": "2026-01-01T00:00:00.000Z", "level": "INFO", "function": "fn", "requestId": "rid-1",
-         "type": "platform.runtimeDone", "status": status},
-        report,
-    ])
+    expected = _emitted(
+        [
+            {
+                "timestamp": "2026-01-01T00:00:00.000Z",
+                "level": "INFO",
+                "function": "fn",
+                "requestId": "rid-1",
+                "type": "platform.runtimeDone",
+                "status": status,
+            },
+            report,
+        ]
+    )
     assert _lines(data) == _lines(expected)

@@ -30,7 +30,7 @@ from poller.runtime.pool import Runtime
 from poller.sources.base import Depth, Message
 
 HANDLERS = textwrap.dedent(
-    '''
+    """
     import json, os, time
 
     def ok(event, context):
@@ -61,7 +61,7 @@ HANDLERS = textwrap.dedent(
         with open(os.environ["OUT"], "a") as f:
             for r in event["Records"]:
                 f.write(json.dumps({"id": r["messageId"], "body": r["body"]}) + "\\n")
-    '''
+    """
 )
 
 
@@ -85,8 +85,13 @@ class StubQueue:
 
     def put(self, body: str) -> str:
         mid = str(uuid.uuid4())
-        self.messages[mid] = {"body": body, "visible_at": 0.0, "count": 0,
-                              "seq": next(self.order), "receipt": None}
+        self.messages[mid] = {
+            "body": body,
+            "visible_at": 0.0,
+            "count": 0,
+            "seq": next(self.order),
+            "receipt": None,
+        }
         return mid
 
     async def start(self) -> None:
@@ -110,12 +115,22 @@ class StubQueue:
             m["count"] += 1
             self.receive_counts[mid] = m["count"]
             m["receipt"] = str(uuid.uuid4())
-            record = sqs_record(message_id=mid, receipt_handle=m["receipt"], body=m["body"],
-                                receive_count=m["count"], sent_ms=0, first_receive_ms=0,
-                                event_source="poller:stub", event_source_arn="stub://q",
-                                region="local")
-            out.append(Message(mid, m["receipt"], m["body"], m["count"], record,
-                               len(encode_record(record))))
+            record = sqs_record(
+                message_id=mid,
+                receipt_handle=m["receipt"],
+                body=m["body"],
+                receive_count=m["count"],
+                sent_ms=0,
+                first_receive_ms=0,
+                event_source="poller:stub",
+                event_source_arn="stub://q",
+                region="local",
+            )
+            out.append(
+                Message(
+                    mid, m["receipt"], m["body"], m["count"], record, len(encode_record(record))
+                )
+            )
         return out
 
     async def delete(self, messages: list[Message]) -> None:
@@ -155,16 +170,21 @@ def handler_dir(tmp_path: Path) -> Path:
 def _runtime(handler_dir: Path, handler: str, **fn: Any) -> Runtime:
     out = handler_dir / "out.jsonl"
     env = {"OUT": str(out), **fn.pop("environment", {})}
-    config = FunctionConfig(name="f", handler=f"qh.{handler}", code_path=str(handler_dir),
-                            environment=env, **fn)
+    config = FunctionConfig(
+        name="f", handler=f"qh.{handler}", code_path=str(handler_dir), environment=env, **fn
+    )
     return Runtime([config], memory_budget_mb=4096, log=JsonLog(open("/dev/null", "wb")))
 
 
 def _settings(**overrides: Any) -> QueueSettings:
     values: dict[str, Any] = {
-        "uuid": str(uuid.uuid4()), "function_name": "f", "batch_size": 10,
-        "batching_window_s": 0.0, "report_batch_item_failures": False,
-        "maximum_concurrency": 2, "max_payload_bytes": 6 * 1024 * 1024,
+        "uuid": str(uuid.uuid4()),
+        "function_name": "f",
+        "batch_size": 10,
+        "batching_window_s": 0.0,
+        "report_batch_item_failures": False,
+        "maximum_concurrency": 2,
+        "max_payload_bytes": 6 * 1024 * 1024,
     }
     values.update(overrides)
     return QueueSettings(**values)
@@ -200,19 +220,27 @@ class RecordingPolicy(ConcurrencyPolicy):
         self.batch_seconds = 0.0
         self.batches = 0
 
-    def tick(self, now: float, depth: Depth | None, in_flight: int,
-             counts: OutcomeCounts) -> int:
+    def tick(self, now: float, depth: Depth | None, in_flight: int, counts: OutcomeCounts) -> int:
         self.ticks.append((now, depth))
         self.batch_seconds += counts.batch_seconds
         self.batches += counts.batches_completed
         return self.target
 
 
-def _runner(settings: QueueSettings, source: StubQueue, runtime: Runtime,
-            policy: ConcurrencyPolicy | None = None) -> QueueRunner:
-    return QueueRunner(settings, source, runtime.pool("f"),
-                       log=JsonLog(open("/dev/null", "wb")),
-                       metrics=MappingMetrics(settings.uuid, "f"), policy=policy)
+def _runner(
+    settings: QueueSettings,
+    source: StubQueue,
+    runtime: Runtime,
+    policy: ConcurrencyPolicy | None = None,
+) -> QueueRunner:
+    return QueueRunner(
+        settings,
+        source,
+        runtime.pool("f"),
+        log=JsonLog(open("/dev/null", "wb")),
+        metrics=MappingMetrics(settings.uuid, "f"),
+        policy=policy,
+    )
 
 
 async def test_success_deletes_every_message_once(handler_dir: Path) -> None:
@@ -232,8 +260,12 @@ async def test_batching_window_gathers_up_to_batch_size(handler_dir: Path) -> No
     source = StubQueue()
     for i in range(30):
         source.put(f"m{i}")
-    runner = _runner(_settings(batch_size=30, batching_window_s=1.0, maximum_concurrency=1),
-                     source, runtime, ConcurrencyPolicy(1))
+    runner = _runner(
+        _settings(batch_size=30, batching_window_s=1.0, maximum_concurrency=1),
+        source,
+        runtime,
+        ConcurrencyPolicy(1),
+    )
     await _run_until(runner, lambda: not source.messages)
     await runtime.close()
     # 30 messages, 10 per receive call, one invoke: the window let the batch fill.
@@ -257,8 +289,9 @@ async def test_partial_batch_response_deletes_all_but_failures(handler_dir: Path
     source = StubQueue(visibility_timeout_s=60)
     good = {source.put(f"good{i}") for i in range(8)}
     bad = {source.put(f"bad{i}") for i in range(2)}
-    runner = _runner(_settings(report_batch_item_failures=True), source, runtime,
-                     ConcurrencyPolicy(1))
+    runner = _runner(
+        _settings(report_batch_item_failures=True), source, runtime, ConcurrencyPolicy(1)
+    )
     await _run_until(runner, lambda: set(source.deleted) >= good)
     await runtime.close()
     assert set(source.deleted) == good
@@ -331,8 +364,9 @@ async def test_heartbeat_extends_visibility_for_slow_invokes(handler_dir: Path) 
 
 
 async def test_no_receive_without_a_free_function_slot(handler_dir: Path) -> None:
-    runtime = _runtime(handler_dir, "slow", timeout_s=10, reserved_concurrency=1,
-                       environment={"SLEEP": "1"})
+    runtime = _runtime(
+        handler_dir, "slow", timeout_s=10, reserved_concurrency=1, environment={"SLEEP": "1"}
+    )
     source = StubQueue()
     for i in range(3):
         source.put(f"m{i}")
@@ -439,8 +473,7 @@ def test_batch_respects_count_and_bytes() -> None:
         (b'{"batchItemFailures": []}', set()),
         (b'{"batchItemFailures": null}', set()),
         (b'{"batchItemFailures": [{"itemIdentifier": "a"}]}', {"a"}),
-        (b'{"batchItemFailures": [{"itemIdentifier": "a"}, {"itemIdentifier": "b"}]}',
-         {"a", "b"}),
+        (b'{"batchItemFailures": [{"itemIdentifier": "a"}, {"itemIdentifier": "b"}]}', {"a", "b"}),
         (b'{"batchItemFailures": [{"itemIdentifier": ""}]}', None),
         (b'{"batchItemFailures": [{"itemIdentifier": null}]}', None),
         (b'{"batchItemFailures": [{"foo": "notvalid"}]}', None),
@@ -473,8 +506,14 @@ async def test_unexpected_source_exception_is_logged_and_polling_continues(
     mid = source.put("after the crash")
     settings = _settings()
     logs = io.BytesIO()
-    runner = QueueRunner(settings, source, runtime.pool("f"), log=JsonLog(logs),
-                         metrics=MappingMetrics(settings.uuid, "f"), policy=ConcurrencyPolicy(1))
+    runner = QueueRunner(
+        settings,
+        source,
+        runtime.pool("f"),
+        log=JsonLog(logs),
+        metrics=MappingMetrics(settings.uuid, "f"),
+        policy=ConcurrencyPolicy(1),
+    )
     await _run_until(runner, lambda: not source.messages)
     await runtime.close()
     assert [h["id"] for h in _handled(handler_dir)] == [mid]

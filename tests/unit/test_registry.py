@@ -44,10 +44,15 @@ async def test_duplicate_source_and_function_is_a_conflict(registry: Registry) -
 
 async def test_invalid_filter_pattern_is_rejected(registry: Registry) -> None:
     with pytest.raises(MappingError) as info:
-        await registry.create({
-            "function_name": "f", "event_source_arn": "local://q",
-            "filter_criteria": {"Filters": [{"Pattern": '{"body": {"a": [{"wildcard": "x*"}]}}'}]},
-        })
+        await registry.create(
+            {
+                "function_name": "f",
+                "event_source_arn": "local://q",
+                "filter_criteria": {
+                    "Filters": [{"Pattern": '{"body": {"a": [{"wildcard": "x*"}]}}'}]
+                },
+            }
+        )
     assert info.value.message == "Invalid filter pattern definition."
 
 
@@ -72,8 +77,9 @@ async def test_upsert_declared_matches_by_name(registry: Registry) -> None:
     assert moved.uuid != first.uuid
     assert [m.uuid for m in await registry.list()] == [moved.uuid]
     with pytest.raises(MappingError, match=r"c.toml: mappings\[0\].*name"):
-        await registry.upsert_declared([{"function_name": "f",
-                                         "event_source_arn": "local://x"}], "c.toml")
+        await registry.upsert_declared(
+            [{"function_name": "f", "event_source_arn": "local://x"}], "c.toml"
+        )
     with pytest.raises(MappingError, match=r"mappings\[0\] \(bad\)"):
         await registry.upsert_declared([{**entry, "name": "bad", "batch_size": 0}], "c.toml")
 

@@ -66,8 +66,14 @@ def test_handler_not_found_or_not_callable(code_dir: tuple[Path, str]) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b"{}", b"null", b"[1, 2.5, true]", b'"text"', b' {"padded": 1} ',
-        b'{"u": "\\u2603 \xe2\x98\x83"}', b"12345678901234567890123", b"\n[]\n",
+        b"{}",
+        b"null",
+        b"[1, 2.5, true]",
+        b'"text"',
+        b' {"padded": 1} ',
+        b'{"u": "\\u2603 \xe2\x98\x83"}',
+        b"12345678901234567890123",
+        b"\n[]\n",
     ],
 )
 def test_decode_event_matches_json_loads(raw: bytes) -> None:
@@ -128,8 +134,11 @@ def test_context_reads_its_variables_from_the_given_mapping() -> None:
         "AWS_LAMBDA_LOG_STREAM_NAME": "stream",
     }
     ctx = LambdaContext("id-1", 0, "arn:x", {"client": {"app_title": "t"}}, environ=env)
-    assert (ctx.function_name, ctx.memory_limit_in_mb, ctx.log_stream_name) == ("fn", "512",
-                                                                                  "stream")
+    assert (ctx.function_name, ctx.memory_limit_in_mb, ctx.log_stream_name) == (
+        "fn",
+        "512",
+        "stream",
+    )
     assert ctx.get_remaining_time_in_millis() == 0  # clamped, never negative
     assert ctx.client_context is not None and ctx.client_context.client is not None
     assert ctx.client_context.client.app_title == "t"

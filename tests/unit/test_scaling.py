@@ -224,9 +224,17 @@ def test_cold_start_waits_for_a_first_batch_before_growing() -> None:
     d = ctrl.observe(Observation(now=0.0, backlog=200_000, in_flight=0))
     assert d.target == INITIAL_TARGET
     # A tick later 5 ms batches have run: 2,000 batches x 5 ms drain in 5 s with 2 slots.
-    d = ctrl.observe(Observation(now=DT, backlog=198_000, in_flight=5, ok=20,
-                                 batch_seconds=20 * 0.005, batches_completed=20,
-                                 messages=2_000))
+    d = ctrl.observe(
+        Observation(
+            now=DT,
+            backlog=198_000,
+            in_flight=5,
+            ok=20,
+            batch_seconds=20 * 0.005,
+            batches_completed=20,
+            messages=2_000,
+        )
+    )
     assert d.target == INITIAL_TARGET
     # Slow batches instead (none finished, all slots busy): the cold-start ramp goes on.
     ctrl = controller(batch_size=100)

@@ -153,7 +153,12 @@ def test_redis_queue_full_uri() -> None:
 
 def test_redis_queue_defaults() -> None:
     src = parse_event_source("redis-queue://localhost/jobs")
-    assert (src.address.host, src.address.port, src.address.db, src.stream_key) == ("localhost", 6379, 0, "jobs")
+    assert (src.address.host, src.address.port, src.address.db, src.stream_key) == (
+        "localhost",
+        6379,
+        0,
+        "jobs",
+    )
     assert src.address.username is None and src.address.password is None
     assert src.options == {name: o.default for name, o in REDIS_QUEUE_OPTIONS.items()}
     assert src.options["group"] is None  # the source uses the mapping UUID
@@ -181,8 +186,6 @@ def test_redis_queue_display_uri_strips_credentials() -> None:
 def test_redis_queue_bad_authority_never_shows_password(uri: str) -> None:
     err = parse_error(uri)
     assert "hunter2" not in str(err)
-
-
 
 
 def test_redis_queue_password_only() -> None:
@@ -250,9 +253,12 @@ def test_local_queue_options() -> None:
     assert src.queue_name == "orders"
     assert src.display_uri == "local://orders"
     assert src.options == {"visibility_timeout": 2, "max_receive_count": 0, "dead_letter": "bin"}
-    for bad, needle in [("colour=red", "colour"), ("visibility_timeout=x", "visibility_timeout"),
-                        ("dead_letter=orders", "dead_letter"), ("max_receive_count=1001",
-                                                                "max_receive_count")]:
+    for bad, needle in [
+        ("colour=red", "colour"),
+        ("visibility_timeout=x", "visibility_timeout"),
+        ("dead_letter=orders", "dead_letter"),
+        ("max_receive_count=1001", "max_receive_count"),
+    ]:
         assert needle in parse_error(f"local://orders?{bad}").message
 
 
@@ -368,5 +374,3 @@ def test_unrecognized_source_hides_password() -> None:
     err = parse_error("redis://bob:hunter2@h/k")
     assert "hunter2" not in str(err)
     assert "redis://bob:***@h/k" in str(err)
-
-

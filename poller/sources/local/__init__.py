@@ -35,13 +35,20 @@ _NAME: Final = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 
 OPTIONS: Final = options_table(
     SourceOption(
-        "visibility_timeout", "int", DEFAULT_VISIBILITY_TIMEOUT_S,
+        "visibility_timeout",
+        "int",
+        DEFAULT_VISIBILITY_TIMEOUT_S,
         "seconds a received message stays hidden before it is redelivered",
-        minimum=0, maximum=43200,
+        minimum=0,
+        maximum=43200,
     ),
     SourceOption(
-        "max_receive_count", "int", DEFAULT_MAX_RECEIVE_COUNT,
-        "receives before a message moves to dead_letter (0: never)", minimum=0, maximum=1000,
+        "max_receive_count",
+        "int",
+        DEFAULT_MAX_RECEIVE_COUNT,
+        "receives before a message moves to dead_letter (0: never)",
+        minimum=0,
+        maximum=1000,
     ),
     SourceOption("dead_letter", "str", None, "local queue for dead letters (default NAME-dlq)"),
 )

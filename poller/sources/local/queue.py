@@ -308,9 +308,15 @@ class LocalQueue:
             }
         lambda_attributes = {k: string_attribute(v) for k, v in attributes.items()}
         record = self._shape.record(
-            message_id, receipt, body, str(count + 1), str(sent_ms),
+            message_id,
+            receipt,
+            body,
+            str(count + 1),
+            str(sent_ms),
             str(first_ms if first_ms is not None else now),
-            md5_hex(body), lambda_attributes, extra,
+            md5_hex(body),
+            lambda_attributes,
+            extra,
         )
         if attributes:
             record["md5OfMessageAttributes"] = md5_of_message_attributes(lambda_attributes)

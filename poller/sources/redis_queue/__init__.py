@@ -30,17 +30,26 @@ OPTIONS: Final = options_table(
     SourceOption("group", "str", None, "consumer group name (XREADGROUP)"),
     # 30 s and 0..43200 are SQS's visibility timeout default and range.
     SourceOption(
-        "visibility_timeout", "int", 30,
+        "visibility_timeout",
+        "int",
+        30,
         "seconds an unacked entry stays invisible before it is redelivered",
-        minimum=0, maximum=43200,
+        minimum=0,
+        maximum=43200,
     ),
     # 1..1000 is the SQS redrive policy's maxReceiveCount range.
     SourceOption(
-        "max_receive_count", "int", None, "deliveries before an entry moves to dead_letter",
-        minimum=1, maximum=1000,
+        "max_receive_count",
+        "int",
+        None,
+        "deliveries before an entry moves to dead_letter",
+        minimum=1,
+        maximum=1000,
     ),
     SourceOption(
-        "dead_letter", "str", None,
+        "dead_letter",
+        "str",
+        None,
         "stream key that receives entries past max_receive_count (default STREAM_KEY:dlq)",
     ),
     SourceOption("tls", "bool", False, "connect with TLS"),

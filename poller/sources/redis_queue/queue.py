@@ -117,8 +117,9 @@ class RedisQueue:
         log: JsonLog | None = None,
     ) -> None:
         if start_id not in ("0", "$"):
-            raise SourceError(f"redis-queue start must be 0 or $, not {start_id!r}",
-                              retryable=False)
+            raise SourceError(
+                f"redis-queue start must be 0 or $, not {start_id!r}", retryable=False
+            )
         self.stream_key = stream_key
         self.group = group
         self.visibility_timeout_s = float(visibility_timeout_s)
@@ -178,7 +179,8 @@ class RedisQueue:
             # or someone destroyed it. Start it at 0: whatever the stream holds now was added
             # since, and must be delivered.
             self.log.warning(
-                "consumer group missing; re-creating it at 0", source=self.display_uri,
+                "consumer group missing; re-creating it at 0",
+                source=self.display_uri,
                 group=self.group,
             )
             await self._create_group(client, "0")
@@ -315,9 +317,7 @@ class RedisQueue:
         last = group.get("last-delivered-id") or b"0-0"
         last = last.decode() if isinstance(last, bytes) else str(last)
         cap = 1000
-        after = await client.execute_command(
-            "XRANGE", self._key, f"({last}", "+", "COUNT", cap
-        )
+        after = await client.execute_command("XRANGE", self._key, f"({last}", "+", "COUNT", cap)
         visible = len(after or [])
         if visible >= cap:
             total = int(await client.xlen(self._key))
@@ -386,8 +386,12 @@ class RedisQueue:
         replies = 0
         for chunk in _chunks(ids, ID_CHUNK):
             if self.delete_on_ack:
-                packed += [pack((b"MULTI",)), pack((b"XACK", key, group, *chunk)),
-                           pack((b"XDEL", key, *chunk)), pack((b"EXEC",))]
+                packed += [
+                    pack((b"MULTI",)),
+                    pack((b"XACK", key, group, *chunk)),
+                    pack((b"XDEL", key, *chunk)),
+                    pack((b"EXEC",)),
+                ]
                 replies += 4
             else:
                 packed.append(pack((b"XACK", key, group, *chunk)))

@@ -161,8 +161,12 @@ class Receiver:
             # in a new round, or get nothing if the source is closing.
             if own is not None:
                 future = own.future
-                if (future.done() and not future.cancelled() and future.exception() is None
-                        and not self.closing):
+                if (
+                    future.done()
+                    and not future.cancelled()
+                    and future.exception() is None
+                    and not self.closing
+                ):
                     # Handed entries by the redelivery scan just before the cancel: nobody
                     # will process them, so let someone else have them now.
                     self._release_later([m.receipt for m in future.result()])
@@ -185,9 +189,7 @@ class Receiver:
             else:
                 request.future.set_result([])
 
-    def _hand_out(
-        self, requests: list[_ReadRequest], entries: list[Message]
-    ) -> list[_ReadRequest]:
+    def _hand_out(self, requests: list[_ReadRequest], entries: list[Message]) -> list[_ReadRequest]:
         """Give each caller at most its limit, in order; return those that got nothing."""
         index = 0
         waiting: list[_ReadRequest] = []
@@ -213,7 +215,9 @@ class Receiver:
             except SourceError as exc:
                 self._queue.log.warning(
                     "could not release entries; they return after the visibility timeout",
-                    source=self._queue.display_uri, entries=len(ids), error=str(exc),
+                    source=self._queue.display_uri,
+                    entries=len(ids),
+                    error=str(exc),
                 )
             self.next_claim = 0.0
 
@@ -246,8 +250,14 @@ class Receiver:
             async def go(client: aioredis.Redis) -> Any:
                 return await script(
                     keys=[self._queue._key],
-                    args=[self._queue._group_b, self._queue._consumer_b, self._queue._visibility_ms,
-                          self._claim_cursor, count, CLAIM_ROUNDS],
+                    args=[
+                        self._queue._group_b,
+                        self._queue._consumer_b,
+                        self._queue._visibility_ms,
+                        self._claim_cursor,
+                        count,
+                        CLAIM_ROUNDS,
+                    ],
                     client=client,
                 )
 
@@ -266,4 +276,3 @@ class Receiver:
             build(entry_id, fields, int(delivered), now_ms)
             for (entry_id, fields), delivered in zip(entries, counts, strict=True)
         ]
-

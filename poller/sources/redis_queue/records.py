@@ -74,7 +74,12 @@ class RecordBuilder:
                 continue
             entry_id = raw_id.decode("ascii")
             encoded = template % (
-                raw_id, raw_id, json_body(body), b"1", raw_id.partition(b"-")[0], now,
+                raw_id,
+                raw_id,
+                json_body(body),
+                b"1",
+                raw_id.partition(b"-")[0],
+                now,
                 digest(raw).hexdigest().encode("ascii"),
             )
             # Positional: half the cost of keywords here.
@@ -106,19 +111,32 @@ class RecordBuilder:
         md5_of_body = md5(raw).hexdigest()
         if not attributes:
             encoded = self._shape.encode_plain(
-                raw_id, raw_id, body, b"%d" % receive_count, sent_ms, first_receive,
+                raw_id,
+                raw_id,
+                body,
+                b"%d" % receive_count,
+                sent_ms,
+                first_receive,
                 md5_of_body.encode("ascii"),
             )
-            return Message(entry_id, entry_id, body, receive_count, None, len(encoded),
-                           encoded=encoded)
+            return Message(
+                entry_id, entry_id, body, receive_count, None, len(encoded), encoded=encoded
+            )
         record = self._shape.record(
-            entry_id, entry_id, body, str(receive_count), sent_ms.decode("ascii"),
-            first_receive.decode("ascii"), md5_of_body, attributes,
+            entry_id,
+            entry_id,
+            body,
+            str(receive_count),
+            sent_ms.decode("ascii"),
+            first_receive.decode("ascii"),
+            md5_of_body,
+            attributes,
         )
         record["md5OfMessageAttributes"] = md5_of_message_attributes(attributes)
         encoded = _encode_json(record)
-        return Message(entry_id, entry_id, body, receive_count, record, len(encoded),
-                       encoded=encoded)
+        return Message(
+            entry_id, entry_id, body, receive_count, record, len(encoded), encoded=encoded
+        )
 
     @staticmethod
     def _decode_fields(fields: list[bytes]) -> tuple[str, dict[str, dict[str, Any]]]:

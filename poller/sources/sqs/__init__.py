@@ -74,8 +74,14 @@ def _spec(
         )
     arn = f"arn:{partition}:sqs:{region}:{account}:{name}"
     return SqsSpec(
-        uri=uri, display_uri=arn, queue_name=name, region=region, account=account,
-        partition=partition, arn=arn, queue_url=queue_url,
+        uri=uri,
+        display_uri=arn,
+        queue_name=name,
+        region=region,
+        account=account,
+        partition=partition,
+        arn=arn,
+        queue_url=queue_url,
     )
 
 

@@ -56,6 +56,7 @@ from poller.sources.sqs.wire import (
 
 __all__ = ["SqsQueue"]
 
+
 class SqsQueue:
     """One SQS queue: QueueSource for the engine, QueueSender for `poller send` and tests."""
 
