@@ -33,6 +33,7 @@ from poller.engine.concurrency import (
     ScaledConcurrency,
     concurrency_bound,
 )
+from poller.engine.deletes import Deletes
 from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.filtering import RecordFilter
 from poller.engine.health import SourceHealth
@@ -112,7 +113,7 @@ class QueueRunner:
         self._stopping = False
         self._started = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._settles: set[asyncio.Task[None]] = set()
+        self.deletes = Deletes(self)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -183,8 +184,7 @@ class QueueRunner:
                 for task in still:
                     task.cancel()
                 await asyncio.wait(still, timeout=5)
-        if self._settles:
-            await asyncio.wait(list(self._settles), timeout=max(grace_s, 1))
+        await self.deletes.wait(max(grace_s, 1))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -320,7 +320,7 @@ class QueueRunner:
                     continue
                 # The delete task owns the heartbeat now (it stops it once the delete is done)
                 # and outlives a cancel of this poller; stop() waits for it.
-                previous, settling = settling, self._settle(done, heartbeat)
+                previous, settling = settling, self.deletes.start(done, heartbeat)
                 if previous is not None and not previous.done():
                     # A source slower to delete than to deliver must not pile up deletes:
                     # wait for the one before (shielded: cancelling this poller must not
@@ -526,51 +526,6 @@ class QueueRunner:
             deadLettered=dead_lettered,
         )
         return None
-
-    def _settle(self, messages: list[Message], heartbeat: Heartbeat) -> asyncio.Task[None]:
-        # A task of its own: a shutdown that cancels the poller must still acknowledge what
-        # succeeded (stop() waits for every task in _settles).
-        task = asyncio.get_running_loop().create_task(self._delete(messages, heartbeat))
-        self._settles.add(task)
-        task.add_done_callback(self._settled)
-        return task
-
-    def _settled(self, task: asyncio.Task[None]) -> None:
-        self._settles.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # A bug or an unexpected client error (SourceErrors are retried and logged in
-            # _delete_with_retries); the messages come back after their visibility timeout.
-            self.log.error(
-                f"deleting processed messages failed: {task.exception()!r}; they "
-                "will be delivered again",
-                **self.fields,
-            )
-
-    async def _delete(self, messages: list[Message], heartbeat: Heartbeat) -> None:
-        try:
-            await self._delete_with_retries(messages)
-        finally:
-            # Visibility is kept up until the messages are gone (or the delete gave up).
-            heartbeat.cancel()
-
-    async def _delete_with_retries(self, messages: list[Message]) -> None:
-        for attempt in range(3):
-            try:
-                await self.source.delete(messages)
-            except SourceError as exc:
-                self.health.failed("delete", exc)
-                if attempt == 2:
-                    self.log.error(
-                        "could not delete processed messages; they will be delivered again",
-                        **self.fields,
-                        messages=len(messages),
-                        error=str(exc),
-                    )
-                    return
-                await self.health.backoff()
-            else:
-                self.metrics.deleted_count += len(messages)
-                return
 
 
 class _Carry:

@@ -198,3 +198,16 @@ def test_config_errors_name_the_key_and_the_file(
     assert str(path.resolve()) in done.stderr
     assert key in done.stderr
     assert done.stdout == ""
+
+
+def test_run_stops_on_a_bad_mapping_in_the_config_like_any_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[[functions]]\nname = "f"\nhandler = "rt_handlers.echo"\n'
+        '[[mappings]]\nname = "m"\nfunction_name = "f"\nevent_source_arn = "local://q"\n'
+        "batch_size = 0\n"
+    )
+    done = poller("run", "--config", str(path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {path.resolve()}: mappings[0].batch_size: ")
+    assert done.stdout == ""

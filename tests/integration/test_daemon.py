@@ -207,9 +207,12 @@ def test_mapping_changes_reach_running_daemon(
 
     table = cli(config, "mappings", "list", "--output", "table").stdout
     assert uuid in table and "local://live" in table
+    assert f'mapping="{uuid}"' in daemon.http("/metrics")[1]
 
     cli(config, "mappings", "delete", uuid)
     time.sleep(2.5)
+    # A deleted mapping's series are gone, not frozen at their last value forever.
+    assert f'mapping="{uuid}"' not in daemon.http("/metrics")[1]
     cli(config, "send", "local://live", "--body", "three")
     time.sleep(1.5)
     assert handled(tmp_path) == ["one", "two"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import time
 from collections.abc import AsyncIterator
@@ -38,14 +39,18 @@ def _uri(server: RedisServer, query: str = "", key: str = KEY, auth: str = "") -
 
 
 def _queue(
-    uri: str, *, group: str | None = "mapping-uuid", config: Config | None = None
+    uri: str,
+    *,
+    group: str | None = "mapping-uuid",
+    config: Config | None = None,
+    log: JsonLog | None = None,
 ) -> RedisQueue:
     """The queue a mapping with UUID ``group`` reads (group None: a sender's)."""
     context = SourceContext(
         config=config or Config(),
-        store=None,
-        log=JsonLog(),
-        mapping_uuid=group,  # type: ignore[arg-type]
+        store=None,  # type: ignore[arg-type]
+        log=log or JsonLog(),
+        mapping_uuid=group,
     )
     return redis_queue.open_queue(parse_event_source(uri), context)  # type: ignore[arg-type]
 
@@ -805,3 +810,25 @@ def test_daemon_end_to_end(redis_server: RedisServer, redis_url: str, tmp_path: 
         returncode = daemon.stop(timeout=30) if daemon.proc is not None else None
         admin.close()
     assert returncode == 0
+
+
+@pytest.mark.parametrize("level", ["info", "error"])
+async def test_the_source_logs_through_the_daemons_log_at_its_level(
+    redis_server: RedisServer, level: str
+) -> None:
+    """No second logging path: what the source has to say is a JSON line of the daemon's log,
+    and the daemon's level decides whether it is written."""
+    stream = io.BytesIO()
+    async with (
+        _started(_uri(redis_server), log=JsonLog(stream, level=level)) as queue,
+        _admin(redis_server) as admin,
+    ):
+        await admin.xgroup_destroy(KEY, "mapping-uuid")
+        await queue.receive(1, 0)  # NOGROUP: the group is re-created, with a warning
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    warnings = [r for r in records if r["message"].startswith("consumer group missing")]
+    if level == "error":
+        assert warnings == []
+    else:
+        [warning] = warnings
+        assert warning["level"] == "WARN" and warning["source"] == _uri(redis_server)

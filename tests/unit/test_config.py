@@ -107,3 +107,33 @@ def test_find_config_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     (tmp_path / "config.toml").write_text("")
     assert find_config(None) == Path("config.toml")
     assert find_config("other.toml") == Path("other.toml")
+
+
+@pytest.mark.parametrize(
+    ("mapping", "key"),
+    [
+        ({"batch_size": 0}, "mappings[0].batch_size"),
+        ({"batch_size": 20}, "mappings[0].maximum_batching_window_in_seconds"),
+        ({"colour": "red"}, "mappings[0].colour"),
+        ({"event_source_arn": "ftp://x"}, "mappings[0].event_source_arn"),
+        (
+            {"filter_criteria": {"Filters": [{"Pattern": '{"body": 1}'}]}},
+            "mappings[0].filter_criteria",
+        ),
+        (
+            {"event_source_arn": "kafka://b:9092/t", "starting_position": "LATEST"},
+            "mappings[0].event_source_arn",
+        ),
+        ({"name": None}, "mappings[0].name"),
+    ],
+)
+def test_mapping_errors_name_the_file_and_the_key(mapping: dict[str, object], key: str) -> None:
+    entry: dict[str, object] = {
+        "name": "orders",
+        "function_name": "f",
+        "event_source_arn": "local://orders",
+        **mapping,
+    }
+    entry = {k: v for k, v in entry.items() if v is not None}
+    text = error({"functions": [fn()], "mappings": [entry]})
+    assert text.startswith(f"/etc/poller/config.toml: {key}: "), text

@@ -7,6 +7,7 @@ own tests run against real servers. Here we check what the engine decides.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 import os
@@ -232,12 +233,13 @@ def _runner(
     source: StubQueue,
     runtime: Runtime,
     policy: ConcurrencyPolicy | None = None,
+    log: JsonLog | None = None,
 ) -> QueueRunner:
     return QueueRunner(
         settings,
         source,
         runtime.pool("f"),
-        log=JsonLog(open("/dev/null", "wb")),
+        log=log or JsonLog(open("/dev/null", "wb")),
         metrics=MappingMetrics(settings.uuid, "f"),
         policy=policy,
     )
@@ -296,6 +298,34 @@ async def test_partial_batch_response_deletes_all_but_failures(handler_dir: Path
     await runtime.close()
     assert set(source.deleted) == good
     assert set(source.messages) == bad  # hidden until their visibility timeout ends
+
+
+async def test_each_partial_failure_is_logged_once_with_its_request_id(
+    handler_dir: Path,
+) -> None:
+    """A partial batch failure is visible at once: one line per batch with what happened to
+    its records, tagged with the invoke's request id (the REPORT line alone says success)."""
+    runtime = _runtime(handler_dir, "partial")
+    source = StubQueue(visibility_timeout_s=60)
+    good = {source.put(f"good{i}") for i in range(4)}
+    source.put("bad0")
+    stream = io.BytesIO()
+    runner = _runner(
+        _settings(report_batch_item_failures=True, batch_size=10),
+        source,
+        runtime,
+        ConcurrencyPolicy(1),
+        log=JsonLog(stream),
+    )
+    await _run_until(runner, lambda: set(source.deleted) >= good)
+    await runtime.close()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    settled = [r for r in records if r.get("message") == "batch settled"]
+    assert len(settled) == 1, settled
+    line = settled[0]
+    assert line["level"] == "INFO" and line["requestId"]
+    assert (line["records"], line["deleted"], line["failed"]) == (5, 4, 1)
+    assert (line["filtered"], line["deadLettered"]) == (0, 0)
 
 
 async def test_partial_response_ignored_without_report_batch_item_failures(

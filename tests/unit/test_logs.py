@@ -1,0 +1,71 @@
+"""The daemon's one log path: JSON lines with Lambda's field names, honouring the level."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+from poller.logs import JsonLog, timestamp
+
+ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def _records(stream: io.BytesIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_records_have_lambdas_names_and_an_iso_utc_timestamp() -> None:
+    stream = io.BytesIO()
+    log = JsonLog(stream)
+    before = time.time()
+    log.warning("disk nearly full", requestId="r-1")
+    [record] = _records(stream)
+    assert list(record)[:3] == ["timestamp", "level", "message"]
+    assert ISO_MS.fullmatch(record["timestamp"])
+    when = datetime.fromisoformat(record["timestamp"]).timestamp()
+    assert before - 0.01 <= when <= time.time() + 0.01
+    assert (record["level"], record["message"], record["requestId"]) == (
+        "WARN",
+        "disk nearly full",
+        "r-1",
+    )
+
+
+def test_the_level_is_honoured() -> None:
+    stream = io.BytesIO()
+    log = JsonLog(stream, level="warning")
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    assert [r["level"] for r in _records(stream)] == ["WARN", "ERROR"]
+    assert not log.enabled("info") and log.enabled("error")
+
+
+def test_timestamp_is_utc_whatever_the_local_zone() -> None:
+    code = "from poller.logs import timestamp; print(timestamp())"
+    env = {"TZ": "Asia/Kolkata", "PATH": "/usr/bin:/bin"}
+    shown = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert abs(datetime.fromisoformat(shown).timestamp() - time.time()) < 5
+    assert abs(datetime.fromisoformat(timestamp()).timestamp() - time.time()) < 5
+
+
+def test_nothing_in_poller_logs_outside_the_daemons_json_log() -> None:
+    """One JSON-lines path: no stdlib logging, no module-level log that ignores the level."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "poller"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "import logging" not in text, path
+        assert "logging.getLogger" not in text, path
+    import poller.logs
+
+    assert not any(isinstance(v, JsonLog) for v in vars(poller.logs).values())
