@@ -70,6 +70,14 @@ class AwsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     endpoint_url: str | None = None
     profile: str | None = None
     account: str = "000000000000"
+    # The execution role ordered sources' records name as invokeIdentityArn (§7.2).
+    role_arn: str | None = None
+
+    @property
+    def invoke_identity_arn(self) -> str:
+        """``role_arn``, else arn:aws:iam::ACCOUNT:role/poller (no role exists: it only fills
+        the field Lambda's Kinesis records carry)."""
+        return self.role_arn or f"arn:aws:iam::{self.account}:role/poller"
 
 
 class RedisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

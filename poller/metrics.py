@@ -12,6 +12,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
@@ -264,8 +265,8 @@ batches_bisected = Counter(
 )
 records_expired = Counter(
     "poller_records_lost_to_retention_total",
-    "Records the source trimmed before the mapping read them (its checkpoint fell behind "
-    "the oldest record still kept).",
+    "Records the source dropped (retention, trimming) before the mapping read them; a gap "
+    "whose size the source cannot tell (Redis streams) counts as 1.",
     _M,
     registry=REGISTRY,
 )
@@ -345,16 +346,18 @@ class MappingMetrics:
 
     __slots__ = (
         "__weakref__",
+        "_extra",
         "_flush_lock",
         "_flushed",
-        "_operations",
-        "_outcomes",
         "batch_size",
+        "bisected",
+        "checkpoints",
         "concurrency_target",
         "concurrent",
         "dead_lettered",
         "deleted",
         "deleted_count",
+        "destination_failures",
         "duration",
         "errors",
         "failed_invoke",
@@ -363,11 +366,13 @@ class MappingMetrics:
         "in_flight",
         "invoked",
         "invoked_count",
+        "iterator_age_max",
         "mapping",
         "ok_count",
         "polled",
         "polled_count",
         "problem",
+        "records_lost",
         "running",
         "running_batches",
         "source_connected",
@@ -396,8 +401,13 @@ class MappingMetrics:
         self.source_connected = source_connected.labels(*labels)
         self.running = mapping_running.labels(*labels)
         self.problem = mapping_problem.labels(*labels)
-        self._outcomes: dict[str, Counter] = {}
-        self._operations: dict[str, Counter] = {}
+        self.iterator_age_max = iterator_age_max.labels(*labels)
+        self.checkpoints = checkpoints.labels(*labels)
+        self.destination_failures = destination_failures.labels(*labels)
+        self.bisected = batches_bisected.labels(*labels)
+        self.records_lost = records_expired.labels(*labels)
+        # Children with one more label (outcome, operation, shard, reason), made when first used.
+        self._extra: dict[tuple[Any, str], Any] = {}
         # Totals since creation (the engine adds to them) and what flush() has handed on.
         self.polled_count = 0
         self.invoked_count = 0
@@ -425,21 +435,36 @@ class MappingMetrics:
                     flushed[index] = total
             self.concurrent.set(self.running_batches)
 
+    def _labelled(self, metric: Counter | Gauge, extra: str) -> Any:
+        """The child of a metric with one label beyond (mapping, function), resolved once."""
+        child = self._extra.get((metric, extra))
+        if child is None:
+            child = self._extra[(metric, extra)] = metric.labels(self.mapping, self.function, extra)
+        return child
+
     def outcome(self, outcome: str) -> Counter:
         """The invocations counter of one outcome (resolved once: it is counted per batch)."""
-        child = self._outcomes.get(outcome)
-        if child is None:
-            child = self._outcomes[outcome] = invocations.labels(
-                self.mapping, self.function, str(outcome)
-            )
+        child: Counter = self._labelled(invocations, str(outcome))
         return child
 
     def source_error(self, operation: str) -> Counter:
-        child = self._operations.get(operation)
-        if child is None:
-            child = self._operations[operation] = source_errors.labels(
-                self.mapping, self.function, operation
-            )
+        child: Counter = self._labelled(source_errors, operation)
+        return child
+
+    def iterator_age(self, shard: str) -> Gauge:
+        child: Gauge = self._labelled(iterator_age, shard)
+        return child
+
+    def millis_behind(self, shard: str) -> Gauge:
+        child: Gauge = self._labelled(millis_behind_latest, shard)
+        return child
+
+    def on_failure_delivered(self, reason: str) -> Counter:
+        child: Counter = self._labelled(on_failure_delivered, reason)
+        return child
+
+    def dropped(self, reason: str) -> Counter:
+        child: Counter = self._labelled(dropped_events, reason)
         return child
 
     def remove(self) -> None:
@@ -450,11 +475,7 @@ class MappingMetrics:
         for metric in _PER_MAPPING:
             with contextlib.suppress(KeyError):
                 metric.remove(*labels)
-        for outcome in self._outcomes:
+        for metric, extra in self._extra:
             with contextlib.suppress(KeyError):
-                invocations.remove(*labels, outcome)
-        for operation in self._operations:
-            with contextlib.suppress(KeyError):
-                source_errors.remove(*labels, operation)
-        self._outcomes.clear()
-        self._operations.clear()
+                metric.remove(*labels, extra)
+        self._extra.clear()

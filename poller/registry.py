@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from collections.abc import Callable
 from typing import Any
 
 from poller.mappings import (
@@ -19,9 +18,8 @@ from poller.mappings import (
     duplicate_error,
     update_mapping,
 )
+from poller.mappings.parameters import FilterValidator
 from poller.state.base import StateStore
-
-FilterValidator = Callable[[dict[str, Any]], None]
 
 
 class Registry:

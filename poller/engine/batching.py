@@ -93,3 +93,28 @@ def parse_batch_item_failures(payload: bytes, ids: set[str]) -> set[str] | None:
             return None
         failed.add(identifier)
     return failed
+
+
+MISSING = object()  # a response without the member asked for
+
+
+def parse_stream_response(
+    payload: bytes, sequences: set[str], *, with_state: bool
+) -> tuple[set[str] | None, Any]:
+    """(failed sequence numbers, state) of an ordered mapping's response.
+
+    The failures follow ``parse_batch_item_failures`` (None: the response is invalid, a
+    complete failure). ``state`` is the tumbling window's new state when ``with_state``:
+    MISSING when the response has none, which Lambda treats as a failure (§4.6).
+    """
+    failed = parse_batch_item_failures(payload, sequences)
+    if not with_state:
+        return failed, None
+    try:
+        response: Any = _decode(payload) if payload.strip() else None
+    except msgspec.DecodeError:
+        return None, MISSING
+    state = response.get("state", MISSING) if isinstance(response, dict) else MISSING
+    if state is not MISSING and not isinstance(state, dict):
+        return None, MISSING
+    return failed, state

@@ -58,8 +58,9 @@ Factory = Callable[[Mapping, SourceSpec, FunctionPool, Services, Callable[[str],
 
 def _factories() -> dict[Family, Factory]:
     from poller.engine.queue import build_queue_runner
+    from poller.engine.stream import build_stream_runner
 
-    return {Family.QUEUE: build_queue_runner}
+    return {Family.QUEUE: build_queue_runner, Family.STREAM: build_stream_runner}
 
 
 def source_context(services: Services, mapping_uuid: str | None) -> SourceContext:

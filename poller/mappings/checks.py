@@ -17,8 +17,10 @@ from poller.mappings.errors import (
     type_error,
     validation_error,
 )
+from poller.redaction import redact
 from poller.sources.base import Family, SourceSpec, SourceUriError
 from poller.sources.kafka import TOPIC as KAFKA_TOPIC
+from poller.sources.kinds import parse_source
 
 if TYPE_CHECKING:
     from poller.mappings.parameters import Context, Parameter
@@ -116,7 +118,9 @@ def check_filter_criteria(
     criteria = {"Filters": [{"Pattern": f["Pattern"]} for f in filters]}
     if ctx.validate_filters is not None:
         try:
-            ctx.validate_filters(copy.deepcopy(criteria))
+            ctx.validate_filters(
+                copy.deepcopy(criteria), json_data_key=ctx.source.kind.filter_json_key
+            )
         except MappingError:
             raise
         except ValueError as exc:
@@ -154,8 +158,10 @@ def check_scaling_config(
     return {"MaximumConcurrency": concurrency}
 
 
-_DESTINATION_ARN = re.compile(
-    r"^arn:aws(?:-[a-z]+)*:(?P<service>sqs|sns|s3):[a-z0-9-]*:(?:\d{12})?:(?P<resource>\S+)$"
+_UNSENDABLE_ARN = re.compile(r"^arn:aws(?:-[a-z]+)*:(?P<service>sns|s3):")
+DESTINATION_FORMS = (
+    "an SQS queue ARN or URL, sqs://NAME, redis-queue://..., local://NAME, file://PATH, "
+    "or kafka://TOPIC (Kafka sources)"
 )
 
 
@@ -200,42 +206,37 @@ def check_destination_config(
 
 
 def _check_destination_target(p: Parameter, destination: str, source: SourceSpec) -> None:
-    arn = _DESTINATION_ARN.match(destination)
-    if arn:
-        if source.kind.standard_destinations_only and arn["resource"].endswith(".fifo"):
-            raise MappingError(
-                f"{source.kind.label} on-failure destinations must be standard SQS queues or SNS "
-                f"topics; got {destination!r}.",
-                parameter=p.aws_name,
-            )
+    def refuse(why: str) -> MappingError:
+        return MappingError(
+            f"Invalid DestinationConfig.OnFailure.Destination {redact(destination)!r}: {why}",
+            parameter=p.aws_name,
+        )
+
+    if destination.startswith("file://"):
+        if len(destination) == len("file://"):
+            raise refuse("file:// needs a path (file:///var/lib/poller/failures.jsonl).")
         return
     if destination.startswith("kafka://"):
         topic = destination[len("kafka://") :]
         if source.kind.family is not Family.KAFKA:
-            raise MappingError(
-                "A kafka:// on-failure destination needs a Kafka event source; "
-                f"got {destination!r}.",
-                parameter=p.aws_name,
-            )
+            raise refuse("a kafka:// destination needs a Kafka event source.")
         if not KAFKA_TOPIC.match(topic):
-            raise MappingError(
-                f"Invalid Kafka topic in on-failure destination {destination!r}.",
-                parameter=p.aws_name,
-            )
+            raise refuse("invalid Kafka topic (1-249 letters, digits, '.', '_' or '-').")
         return
-    if destination.startswith("local://"):
-        from poller.sources import local
-
-        try:
-            local.parse(destination, local.AwsDefaults())  # a dev-only extension
-        except SourceUriError as exc:
-            raise MappingError(str(exc), parameter=p.aws_name) from None
-        return
-    raise MappingError(
-        f"Invalid DestinationConfig.OnFailure.Destination {destination!r}: use an SQS queue, SNS "
-        "topic or S3 bucket ARN, kafka://TOPIC (Kafka sources) or local://NAME.",
-        parameter=p.aws_name,
-    )
+    unsendable = _UNSENDABLE_ARN.match(destination)
+    if unsendable:
+        raise refuse(
+            f"{unsendable['service'].upper()} destinations are not supported by this version of "
+            f"poller; use {DESTINATION_FORMS}."
+        )
+    try:
+        target = parse_source(destination)
+    except SourceUriError:
+        raise refuse(f"use {DESTINATION_FORMS}.") from None
+    if target.kind.family is not Family.QUEUE or target.kind.open_sender is None:
+        raise refuse(f"a {target.kind.name} source is not a destination; use {DESTINATION_FORMS}.")
+    if source.kind.standard_destinations_only and target.fifo:
+        raise refuse(f"{source.kind.label} on-failure destinations must be standard queues.")
 
 
 def check_topics(p: Parameter, value: list[Any], ctx: Context) -> list[str]:

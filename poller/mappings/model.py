@@ -8,7 +8,6 @@ import dataclasses
 import re
 import time
 import uuid as uuid_module
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Final
@@ -25,6 +24,7 @@ from poller.mappings.parameters import (
     PARAMETERS,
     PARAMETERS_BY_NAME,
     Context,
+    FilterValidator,
     Parameter,
     normalize,
     unsupported,
@@ -267,7 +267,7 @@ def _resolve(
     *,
     uuid: str,
     now: float,
-    validate_filters: Callable[[dict[str, Any]], None] | None,
+    validate_filters: FilterValidator | None,
 ) -> tuple[dict[str, Any], SourceSpec]:
     """Validate snake_case params and return every parameter's value with defaults applied."""
     _check_keys(params)
@@ -328,7 +328,7 @@ def create_mapping(
     *,
     uuid: str | None = None,
     now: float | None = None,
-    validate_filters: Callable[[dict[str, Any]], None] | None = None,
+    validate_filters: FilterValidator | None = None,
 ) -> Mapping:
     """Validate snake_case ``params`` (the config-file form) and build a new mapping.
 
@@ -357,7 +357,7 @@ def update_mapping(
     changes: dict[str, Any],
     *,
     now: float | None = None,
-    validate_filters: Callable[[dict[str, Any]], None] | None = None,
+    validate_filters: FilterValidator | None = None,
 ) -> Mapping:
     """Apply ``changes`` (snake_case) to ``m`` and validate the merged result.
 

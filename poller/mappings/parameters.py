@@ -41,6 +41,12 @@ ALL: Final = QUEUE | ORDERED
 # as None and this is the effective value.
 KAFKA_DEFAULT_BATCHING_WINDOW_S: Final = 0.5
 
+# Checks a FilterCriteria deeply (the engine's compiler: it is injected, the model does not
+# import the engine): called with the criteria and ``json_data_key=`` the data key of the
+# source's records that only takes object patterns; a ValueError it raises becomes AWS's
+# "Invalid filter pattern definition.".
+FilterValidator = Callable[..., object]
+
 
 @dataclass
 class Context:
@@ -49,7 +55,7 @@ class Context:
     source: SourceSpec
     now: float
     uuid: str
-    validate_filters: Callable[[dict[str, Any]], None] | None
+    validate_filters: FilterValidator | None
 
 
 Check = Callable[["Parameter", Any, "Context"], Any]

@@ -11,6 +11,7 @@ SCHEMES: dict[str, str] = {
     "http": "poller.sources.sqs",  # an SQS queue URL
     "https": "poller.sources.sqs",
     "redis-queue": "poller.sources.redis_queue",
+    "redis-stream": "poller.sources.redis_stream",
     "kafka": "poller.sources.kafka",
 }
 

@@ -178,6 +178,116 @@ class QueueSender(Protocol):
         """Enqueue the bodies (in service-sized chunks); returns how many were accepted."""
 
 
+# -- ordered sources ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One ordered part of a stream: a Kinesis or DynamoDB shard, a Redis stream key."""
+
+    id: str
+    # Shards this one was split or merged from: it is read only after they were read to the end.
+    parents: tuple[str, ...] = ()
+    # No record will be added any more (resharding closed it); its reader reaches an end.
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StartAt:
+    """Where a shard reader starts."""
+
+    kind: str  # "after" (a sequence number), "trim_horizon", "latest" or "at_timestamp"
+    sequence: str | None = None
+    timestamp: float | None = None  # epoch seconds, for at_timestamp
+
+    @classmethod
+    def after(cls, sequence: str) -> StartAt:
+        return cls("after", sequence=sequence)
+
+
+TRIM_HORIZON: Final = StartAt("trim_horizon")
+LATEST: Final = StartAt("latest")
+
+
+class StreamRecord:
+    """One record of a shard as the engine sees it: what ordering, checkpoints, lanes, record
+    age and the 6 MB cap need, and the record as it goes into the event (``encoded``)."""
+
+    __slots__ = ("arrival", "encoded", "partition_key", "sequence", "size")
+
+    def __init__(self, sequence: str, partition_key: str, arrival: float, encoded: bytes) -> None:
+        self.sequence = sequence  # what a checkpoint stores and batchItemFailures names
+        self.partition_key = partition_key  # decides the lane (ParallelizationFactor)
+        self.arrival = arrival  # epoch seconds the service received it (iterator and record age)
+        self.encoded = encoded
+        self.size = len(encoded)
+
+    def __repr__(self) -> str:
+        return f"StreamRecord({self.sequence!r}, key={self.partition_key!r})"
+
+
+@dataclass(slots=True)
+class ReadResult:
+    records: list[StreamRecord]
+    # The reader of a closed shard reached its end: nothing will ever follow.
+    end: bool = False
+    # How far the reader is behind the tip of the shard, where the service says (ms).
+    behind_ms: int | None = None
+    # Records the service dropped (retention, trimming) between the last read and these, which
+    # the mapping therefore never saw; 1 when the service cannot say how many.
+    lost: int = 0
+
+
+class ShardReader(Protocol):
+    # The sequence number the reader starts after, where the service can name it (LATEST and
+    # AT_TIMESTAMP resolved when the reader opened): the engine checkpoints it at once, so a
+    # restart before the first record does not move the start.
+    start_point: str | None
+
+    async def read(self, limit: int, wait_s: float) -> ReadResult:
+        """Up to ``limit`` records after the last ones returned, waiting up to wait_s for the
+        first where the service can block. Raises SourceError."""
+
+    async def close(self) -> None: ...
+
+
+class StreamSource(Protocol):
+    """An ordered source whose shards are read from positions the engine checkpoints.
+
+    I/O only: listing shards, opening readers, reading. Retries of delivery, checkpoint
+    decisions, batching and ordering are the engine's.
+    """
+
+    # The key of the batch description in an on-failure record (§4.5): "KinesisBatchInfo",
+    # "DDBStreamBatchInfo".
+    batch_info_key: str
+    # The stream's ARN (or display URI) the on-failure record names as its streamArn.
+    stream_arn: str
+    # How often an idle shard is polled where reads cannot block (seconds).
+    idle_poll_s: float
+
+    async def start(self) -> None:
+        """Connect and check the stream exists. Raises SourceError."""
+
+    async def shards(self) -> list[Shard]:
+        """Every shard, with its parents and whether it is closed."""
+
+    async def open_reader(self, shard: Shard, start: StartAt) -> ShardReader: ...
+
+    async def close(self) -> None: ...
+
+
+class StreamSender(Protocol):
+    """Putting records on a stream (`poller send`). start() before send()."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, bodies: list[str], *, partition_key: str | None = None) -> int:
+        """Append the bodies; returns how many were accepted."""
+
+
 # -- source kinds --------------------------------------------------------------------------------
 
 
@@ -275,6 +385,12 @@ class SourceKind:
     standard_destinations_only: bool = False
     # How AWS's duplicate-mapping message names the source ("SQS arn").
     label: str = ""
+    # The record shape its events have ("sqs", "kinesis", "dynamodb", "kafka"): how filters
+    # find the data of a record.
+    record_shape: str = "sqs"
+    # The data key a filter pattern may only address with a JSON object ("data" for Kinesis:
+    # a plain-string pattern there is rejected at create, ESM_SEMANTICS.md §11.4).
+    filter_json_key: str | None = None
 
     @property
     def runnable(self) -> bool:

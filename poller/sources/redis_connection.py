@@ -66,7 +66,8 @@ def parse_redis_uri(uri: str, label: str) -> tuple[RedisAddress, str, str, str]:
     """``(address, key path, query, display URI)`` of a Redis source URI.
 
     The path is ``/DB/KEY`` when its first segment is a number and a key follows, else the
-    whole path is the key (keys may themselves hold '/'). The display URI has no user info.
+    whole path is the key (keys may themselves hold '/'). The key path is still
+    percent-encoded (a source may split it before decoding); the display URI has no user info.
     """
     try:
         parts = urlsplit(uri)
@@ -99,7 +100,7 @@ def parse_redis_uri(uri: str, label: str) -> tuple[RedisAddress, str, str, str]:
     )
     hostport = parts.netloc.rpartition("@")[2]
     display = f"{label}://{hostport}{parts.path}" + (f"?{parts.query}" if parts.query else "")
-    return address, key, parts.query, display
+    return address, path, parts.query, display
 
 
 @dataclass(frozen=True, slots=True)

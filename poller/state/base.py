@@ -7,11 +7,35 @@ of ``Mapping.to_dict()``; the store does not interpret them beyond the ``uuid`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
 class StateError(Exception):
     """The store cannot be reached or used; the message says which and how to fix it."""
+
+
+class StaleClaimError(StateError):
+    """A checkpoint write under a claim that is no longer the shard's latest: another owner
+    (a newer claim) has the shard now, so this one must stop writing and let it go."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where a shard's processing stands: the last settled sequence number (None: nothing
+    yet), and the state of its open tumbling window (None: no window open)."""
+
+    position: str | None = None
+    window: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A shard taken for processing: checkpoints are written under ``token``, and refused
+    once a later claim took the shard (the fencing token of a lease)."""
+
+    token: int
+    checkpoint: Checkpoint
 
 
 class StateStore(Protocol):
@@ -45,16 +69,17 @@ class StateStore(Protocol):
 
     async def get_status(self, uuid: str) -> dict[str, Any]: ...
 
-    # -- stream checkpoints and tumbling-window state ---------------------------------------
-    async def get_checkpoint(self, mapping_uuid: str, shard: str) -> str | None: ...
+    # -- stream checkpoints (with their tumbling-window state) ------------------------------
+    async def claim_shard(self, mapping_uuid: str, shard: str, owner: str) -> Claim:
+        """Take the shard: a new token (every earlier one goes stale) and its checkpoint."""
 
-    async def set_checkpoint(self, mapping_uuid: str, shard: str, position: str) -> None: ...
+    async def set_checkpoint(
+        self, mapping_uuid: str, shard: str, token: int, checkpoint: Checkpoint
+    ) -> None:
+        """Write the checkpoint (position and window state together, atomically). Raises
+        StaleClaimError when ``token`` is not the shard's latest claim."""
 
-    async def get_window_state(self, mapping_uuid: str, shard: str) -> dict[str, Any] | None: ...
-
-    async def set_window_state(
-        self, mapping_uuid: str, shard: str, state: dict[str, Any] | None
-    ) -> None: ...
+    async def list_checkpoints(self, mapping_uuid: str) -> dict[str, Checkpoint]: ...
 
 
 def open_store(url: str, *, key_prefix: str = "poller:") -> StateStore:

@@ -10,8 +10,9 @@ Keys, all under ``key_prefix`` (default ``poller:``) so several deployments can 
   shows creation order (an update keeps its place) as the SQLite store does.
 * ``{p}status:{uuid}``: hash key -> JSON value. A merge is one HSET/HDEL, so the runner and the
   supervisor writing different keys at once never lose each other's.
-* ``{p}checkpoints:{uuid}``: hash shard -> position.
-* ``{p}windows:{uuid}``: hash shard -> tumbling-window state JSON.
+* ``{p}checkpoints:{uuid}``: hash shard -> JSON ``{"position", "window", "owner", "token"}``:
+  the last settled sequence number, the open tumbling window's state, and the claim the
+  checkpoint may be written under (a Lua script compares the token and writes in one step).
 
 Each registry change also PUBLISHes the new revision on ``{p}registry``: an optional nudge for
 a daemon that would rather subscribe than poll.
@@ -34,7 +35,7 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from poller.redaction import redact
-from poller.state.base import StateError
+from poller.state.base import Checkpoint, Claim, StaleClaimError, StateError
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -58,14 +59,40 @@ redis.call('PUBLISH', ARGV[3], revision)
 return revision
 """
 
-# KEYS: mappings, order, revision, status, checkpoints, windows. ARGV: uuid, channel.
+# KEYS: mappings, order, revision, status, checkpoints. ARGV: uuid, channel.
 # Returns 1 if the mapping existed (and is gone with what belonged to it), else 0.
 _DELETE_LUA: Final = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[4], KEYS[5])
 local revision = redis.call('INCR', KEYS[3])
 redis.call('PUBLISH', ARGV[2], revision)
+return 1
+"""
+
+# Take a shard: a new token, returned with the checkpoint (cjson keeps what it does not know).
+# KEYS: checkpoints hash. ARGV: shard, owner. Returns the entry as JSON.
+_CLAIM_LUA: Final = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local entry = raw and cjson.decode(raw) or {}
+entry['token'] = (entry['token'] or 0) + 1
+entry['owner'] = ARGV[2]
+local text = cjson.encode(entry)
+redis.call('HSET', KEYS[1], ARGV[1], text)
+return text
+"""
+
+# Write a checkpoint if the token is still the shard's latest claim; 1 if written, else 0.
+# KEYS: checkpoints hash. ARGV: shard, token, {"position", "window"} as JSON.
+_CHECKPOINT_LUA: Final = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local entry = cjson.decode(raw)
+if entry['token'] ~= tonumber(ARGV[2]) then return 0 end
+local value = cjson.decode(ARGV[3])
+entry['position'] = value['position']
+entry['window'] = value['window']
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
 return 1
 """
 
@@ -79,6 +106,7 @@ class RedisStore:
         self._redis: aioredis.Redis | None = None
         self._put: AsyncScript | None = None
         self._delete: AsyncScript | None = None
+        self._scripts: dict[str, AsyncScript] = {}
         p = key_prefix
         self._revision_key = f"{p}revision"
         self._mappings_key = f"{p}mappings"
@@ -98,9 +126,6 @@ class RedisStore:
 
     def _checkpoints_key(self, uuid: str) -> str:
         return f"{self.key_prefix}checkpoints:{uuid}"
-
-    def _windows_key(self, uuid: str) -> str:
-        return f"{self.key_prefix}windows:{uuid}"
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -151,6 +176,10 @@ class RedisStore:
                 ) from exc
             self._put = client.register_script(_PUT_LUA)
             self._delete = client.register_script(_DELETE_LUA)
+            self._scripts = {
+                "claim": client.register_script(_CLAIM_LUA),
+                "checkpoint": client.register_script(_CHECKPOINT_LUA),
+            }
             self._redis = client
         return self._redis
 
@@ -225,7 +254,6 @@ class RedisStore:
                     self._revision_key,
                     self._status_key(uuid),
                     self._checkpoints_key(uuid),
-                    self._windows_key(uuid),
                 ],
                 args=[uuid, self.channel],
                 client=client,
@@ -257,25 +285,37 @@ class RedisStore:
         raw = await self._run(lambda c: c.hgetall(self._status_key(uuid)))
         return {key.decode(): _decode(value) for key, value in raw.items()}
 
-    # -- stream checkpoints and tumbling-window state --------------------------------------
-    async def get_checkpoint(self, mapping_uuid: str, shard: str) -> str | None:
-        raw = await self._run(lambda c: c.hget(self._checkpoints_key(mapping_uuid), shard))
-        return None if raw is None else raw.decode()
+    # -- stream checkpoints --------------------------------------------------------------
+    def _scripts_or_connect(self) -> dict[str, AsyncScript]:
+        self._client()
+        return self._scripts
 
-    async def set_checkpoint(self, mapping_uuid: str, shard: str, position: str) -> None:
-        await self._run(lambda c: c.hset(self._checkpoints_key(mapping_uuid), shard, position))
+    async def claim_shard(self, mapping_uuid: str, shard: str, owner: str) -> Claim:
+        key = self._checkpoints_key(mapping_uuid)
+        script = self._scripts_or_connect()["claim"]
+        raw = await self._run(lambda c: script(keys=[key], args=[shard, owner], client=c))
+        entry = _decode(raw)
+        return Claim(entry["token"], Checkpoint(entry.get("position"), entry.get("window")))
 
-    async def get_window_state(self, mapping_uuid: str, shard: str) -> dict[str, Any] | None:
-        raw = await self._run(lambda c: c.hget(self._windows_key(mapping_uuid), shard))
-        return None if raw is None else _decode(raw)
-
-    async def set_window_state(
-        self, mapping_uuid: str, shard: str, state: dict[str, Any] | None
+    async def set_checkpoint(
+        self, mapping_uuid: str, shard: str, token: int, checkpoint: Checkpoint
     ) -> None:
-        """Store the window state; None deletes it (the window closed)."""
-        key = self._windows_key(mapping_uuid)
-        if state is None:
-            await self._run(lambda c: c.hdel(key, shard))
-        else:
-            text = _encode(state)
-            await self._run(lambda c: c.hset(key, shard, text))
+        key = self._checkpoints_key(mapping_uuid)
+        value = _encode({"position": checkpoint.position, "window": checkpoint.window})
+        script = self._scripts_or_connect()["checkpoint"]
+        written = await self._run(
+            lambda c: script(keys=[key], args=[shard, token, value], client=c)
+        )
+        if not written:
+            raise StaleClaimError(
+                f"checkpoint of shard {shard!r} of mapping {mapping_uuid} refused: the shard was "
+                f"claimed again after claim {token}"
+            )
+
+    async def list_checkpoints(self, mapping_uuid: str) -> dict[str, Checkpoint]:
+        raw = await self._run(lambda c: c.hgetall(self._checkpoints_key(mapping_uuid)))
+        out = {}
+        for shard, value in sorted(raw.items()):
+            entry = _decode(value)
+            out[shard.decode()] = Checkpoint(entry.get("position"), entry.get("window"))
+        return out

@@ -31,7 +31,7 @@ from typing import Any, Final, TypeVar, TypeVarTuple
 
 import msgspec
 
-from poller.state.base import StateError
+from poller.state.base import Checkpoint, Claim, StaleClaimError, StateError
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -78,6 +78,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # FIFO receives walk a queue in send order; partial, so standard sends pay nothing.
         "CREATE INDEX local_messages_fifo ON local_messages (queue, seq)"
         " WHERE group_id IS NOT NULL",
+    ),
+    (
+        # Checkpoints gain their claim (owner and fencing token) and the tumbling-window state
+        # written with them; nothing wrote the old tables (no ordered source ran before).
+        "DROP TABLE checkpoints",
+        "DROP TABLE window_state",
+        "CREATE TABLE checkpoints ("
+        " mapping TEXT NOT NULL, shard TEXT NOT NULL,"
+        " position TEXT,"  # the last settled sequence number; NULL until the first
+        " window TEXT,"  # JSON of the open tumbling window's state; NULL when none is open
+        " owner TEXT NOT NULL, token INTEGER NOT NULL,"
+        " PRIMARY KEY (mapping, shard))",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -292,26 +304,25 @@ class SqliteStore:
         found = await self.run(_get_json, "SELECT json FROM status WHERE uuid = ?", (uuid,))
         return found or {}
 
-    # -- stream checkpoints and tumbling-window state --------------------------------------
-    async def get_checkpoint(self, mapping_uuid: str, shard: str) -> str | None:
-        return await self.run(_get_checkpoint, mapping_uuid, shard)
+    # -- stream checkpoints --------------------------------------------------------------
+    async def claim_shard(self, mapping_uuid: str, shard: str, owner: str) -> Claim:
+        return await self.run(_claim_shard, mapping_uuid, shard, owner)
 
-    async def set_checkpoint(self, mapping_uuid: str, shard: str, position: str) -> None:
-        await self.run(_set_checkpoint, mapping_uuid, shard, position)
-
-    async def get_window_state(self, mapping_uuid: str, shard: str) -> dict[str, Any] | None:
-        return await self.run(
-            _get_json,
-            "SELECT json FROM window_state WHERE mapping = ? AND shard = ?",
-            (mapping_uuid, shard),
-        )
-
-    async def set_window_state(
-        self, mapping_uuid: str, shard: str, state: dict[str, Any] | None
+    async def set_checkpoint(
+        self, mapping_uuid: str, shard: str, token: int, checkpoint: Checkpoint
     ) -> None:
-        """Store the window state; None deletes it (the window closed)."""
-        text = None if state is None else _encode(state).decode()
-        await self.run(_set_window_state, mapping_uuid, shard, text)
+        window = None if checkpoint.window is None else _encode(checkpoint.window).decode()
+        written = await self.run(
+            _set_checkpoint, mapping_uuid, shard, token, checkpoint.position, window
+        )
+        if not written:
+            raise StaleClaimError(
+                f"checkpoint of shard {shard!r} of mapping {mapping_uuid} refused: the shard was "
+                f"claimed again after claim {token}"
+            )
+
+    async def list_checkpoints(self, mapping_uuid: str) -> dict[str, Checkpoint]:
+        return await self.run(_list_checkpoints, mapping_uuid)
 
 
 _PERMISSION_HINT: Final = (
@@ -417,7 +428,6 @@ def _delete_mapping(conn: sqlite3.Connection, uuid: str) -> bool:
             # What belonged to the mapping goes with it; a recreated mapping has a new uuid.
             conn.execute("DELETE FROM status WHERE uuid = ?", (uuid,))
             conn.execute("DELETE FROM checkpoints WHERE mapping = ?", (uuid,))
-            conn.execute("DELETE FROM window_state WHERE mapping = ?", (uuid,))
             _bump_revision(conn)
     return existed
 
@@ -435,28 +445,48 @@ def _set_status(conn: sqlite3.Connection, uuid: str, status: dict[str, Any]) -> 
         )
 
 
-def _get_checkpoint(conn: sqlite3.Connection, mapping: str, shard: str) -> str | None:
-    row = conn.execute(
-        "SELECT position FROM checkpoints WHERE mapping = ? AND shard = ?", (mapping, shard)
-    ).fetchone()
-    return None if row is None else str(row[0])
+def _checkpoint(position: str | None, window: str | None) -> Checkpoint:
+    return Checkpoint(position, None if window is None else _decode(window))
 
 
-def _set_checkpoint(conn: sqlite3.Connection, mapping: str, shard: str, position: str) -> None:
-    # A single statement is its own transaction; no read-then-write, so no IMMEDIATE needed.
-    conn.execute(
-        "INSERT INTO checkpoints (mapping, shard, position) VALUES (?, ?, ?)"
-        " ON CONFLICT (mapping, shard) DO UPDATE SET position = excluded.position",
-        (mapping, shard, position),
+def _claim_shard(conn: sqlite3.Connection, mapping: str, shard: str, owner: str) -> Claim:
+    with immediate(conn):
+        row = conn.execute(
+            "SELECT position, window, token FROM checkpoints WHERE mapping = ? AND shard = ?",
+            (mapping, shard),
+        ).fetchone()
+        position, window, token = row if row is not None else (None, None, 0)
+        conn.execute(
+            "INSERT INTO checkpoints (mapping, shard, owner, token) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (mapping, shard) DO UPDATE SET owner = excluded.owner,"
+            " token = excluded.token",
+            (mapping, shard, owner, token + 1),
+        )
+    return Claim(token + 1, _checkpoint(position, window))
+
+
+def _set_checkpoint(
+    conn: sqlite3.Connection,
+    mapping: str,
+    shard: str,
+    token: int,
+    position: str | None,
+    window: str | None,
+) -> bool:
+    # One statement is its own transaction; the token test makes it a compare-and-set.
+    return (
+        conn.execute(
+            "UPDATE checkpoints SET position = ?, window = ?"
+            " WHERE mapping = ? AND shard = ? AND token = ?",
+            (position, window, mapping, shard, token),
+        ).rowcount
+        == 1
     )
 
 
-def _set_window_state(conn: sqlite3.Connection, mapping: str, shard: str, text: str | None) -> None:
-    if text is None:
-        conn.execute("DELETE FROM window_state WHERE mapping = ? AND shard = ?", (mapping, shard))
-        return
-    conn.execute(
-        "INSERT INTO window_state (mapping, shard, json) VALUES (?, ?, ?)"
-        " ON CONFLICT (mapping, shard) DO UPDATE SET json = excluded.json",
-        (mapping, shard, text),
-    )
+def _list_checkpoints(conn: sqlite3.Connection, mapping: str) -> dict[str, Checkpoint]:
+    rows = conn.execute(
+        "SELECT shard, position, window FROM checkpoints WHERE mapping = ? ORDER BY shard",
+        (mapping,),
+    ).fetchall()
+    return {shard: _checkpoint(position, window) for shard, position, window in rows}

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from poller.state.base import StateError, open_store
+from poller.state.base import Checkpoint, StateError, open_store
 from poller.state.redis import RedisStore
 from tests.servers import TlsRedisServer, free_port
+from tests.state_contract import check_checkpoints
 
 
 @asynccontextmanager
@@ -96,8 +97,9 @@ async def test_two_instances_see_each_others_writes(redis_url: str) -> None:
         assert await two.get_mapping("a") == _mapping("a")
         await two.put_mapping(_mapping("b"))
         assert [m["uuid"] for m in await one.list_mappings()] == ["a", "b"]
-        await one.set_checkpoint("a", "shard-0", "42")
-        assert await two.get_checkpoint("a", "shard-0") == "42"
+        claim = await one.claim_shard("a", "shard-0", "daemon")
+        await one.set_checkpoint("a", "shard-0", claim.token, Checkpoint("42"))
+        assert await two.list_checkpoints("a") == {"shard-0": Checkpoint("42")}
         assert await two.delete_mapping("a") is True
         assert await one.revision() == 3
         assert await one.get_mapping("a") is None
@@ -114,39 +116,19 @@ async def test_status_merges_and_does_not_bump_revision(redis_url: str) -> None:
         assert await store.revision() == revision
 
 
-async def test_checkpoints_and_window_state(redis_url: str) -> None:
+async def test_checkpoints(redis_url: str) -> None:
     async with _store(redis_url) as store:
-        await store.put_mapping(_mapping("a"))
-        assert await store.get_checkpoint("a", "s1") is None
-        await store.set_checkpoint("a", "s1", "4959033827149025660855969253836157109592157598913")
-        await store.set_checkpoint("a", "s1", "2")
-        await store.set_checkpoint("a", "s2", "7")
-        assert await store.get_checkpoint("a", "s1") == "2"
-        assert await store.get_checkpoint("a", "s2") == "7"
-
-        assert await store.get_window_state("a", "s1") is None
-        state = {"state": {"total": 3, "keys": ["x", "y"]}, "window_start": 1700000000}
-        await store.set_window_state("a", "s1", state)
-        assert await store.get_window_state("a", "s1") == state
-        await store.set_window_state("a", "s1", None)
-        assert await store.get_window_state("a", "s1") is None
-
-        # Deleting the mapping takes its status, checkpoints and windows with it.
-        await store.set_status("a", {"State": "Enabled"})
-        await store.set_window_state("a", "s2", {"n": 1})
-        assert await store.delete_mapping("a") is True
-        assert await store.get_checkpoint("a", "s2") is None
-        assert await store.get_window_state("a", "s2") is None
-        assert await store.get_status("a") == {}
+        await check_checkpoints(store, _mapping("a"))
 
 
 async def test_prefix_isolation(redis_url: str) -> None:
     async with _store(redis_url, "blue:") as blue, _store(redis_url, "green:") as green:
         await blue.put_mapping(_mapping("a"))
-        await blue.set_checkpoint("a", "s", "1")
+        claim = await blue.claim_shard("a", "s", "daemon")
+        await blue.set_checkpoint("a", "s", claim.token, Checkpoint("1"))
         assert await green.revision() == 0
         assert await green.list_mappings() == []
-        assert await green.get_checkpoint("a", "s") is None
+        assert await green.list_checkpoints("a") == {}
         await green.put_mapping(_mapping("b"))
         assert [m["uuid"] for m in await blue.list_mappings()] == ["a"]
     client = aioredis.Redis.from_url(redis_url)

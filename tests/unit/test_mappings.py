@@ -501,7 +501,7 @@ def test_filter_criteria_empty_is_unset(empty: dict[str, Any]) -> None:
         {"Filters": [{"Pattern": '{"a": [' + '"x",' * 1100 + '"x"]}'}]},  # > 4096 chars
     ],
 )
-def test_filter_criteria_bad_shape(criteria: dict[str, Any]) -> None:
+def test_filter_criteria_bad_shape(criteria: dict[str, Any], **_: Any) -> None:
     err = error_of("sqs", filter_criteria=criteria)
     assert err.message == "Invalid filter pattern definition."
     assert err.parameter == "FilterCriteria"
@@ -511,7 +511,7 @@ def test_filter_criteria_bad_shape(criteria: dict[str, Any]) -> None:
 def test_filter_hook_called_and_errors_translated() -> None:
     seen: list[dict[str, Any]] = []
 
-    def ok(criteria: dict[str, Any]) -> None:
+    def ok(criteria: dict[str, Any], **_: Any) -> None:
         seen.append(criteria)
 
     base = {"function_name": "fn", "event_source_arn": SQS_ARN, "filter_criteria": GOOD_FILTER}
@@ -521,7 +521,7 @@ def test_filter_hook_called_and_errors_translated() -> None:
     class DeepError(ValueError):
         detail = "numeric operators are not supported here"
 
-    def bad(criteria: dict[str, Any]) -> None:
+    def bad(criteria: dict[str, Any], **_: Any) -> None:
         raise DeepError("Invalid filter pattern definition. whatever")
 
     with pytest.raises(MappingError) as info:
@@ -529,7 +529,7 @@ def test_filter_hook_called_and_errors_translated() -> None:
     assert info.value.message == "Invalid filter pattern definition."
     assert "numeric operators are not supported here" in str(info.value)
 
-    def conflict(criteria: dict[str, Any]) -> None:
+    def conflict(criteria: dict[str, Any], **_: Any) -> None:
         raise MappingError("custom", code="ResourceConflictException")
 
     with pytest.raises(MappingError) as info:
@@ -538,7 +538,7 @@ def test_filter_hook_called_and_errors_translated() -> None:
 
 
 def test_filter_hook_not_called_without_filters() -> None:
-    def boom(criteria: dict[str, Any]) -> None:
+    def boom(criteria: dict[str, Any], **_: Any) -> None:
         raise AssertionError("called")
 
     create_mapping({"function_name": "fn", "event_source_arn": SQS_ARN}, validate_filters=boom)
@@ -548,9 +548,11 @@ def test_filter_hook_not_called_without_filters() -> None:
     "destination",
     [
         "arn:aws:sqs:us-east-1:123456789012:dlq",
-        "arn:aws:sns:us-east-1:123456789012:alerts",
-        "arn:aws:s3:::failed-records",
+        "https://sqs.us-east-1.amazonaws.com/123456789012/dlq",
+        "sqs://dlq",
+        "redis-queue://localhost:6379/0/failures",
         "local://failures",
+        "file:///var/lib/poller/failures.jsonl",
     ],
 )
 def test_destination_accepted(destination: str) -> None:
@@ -571,6 +573,11 @@ def test_empty_destination_is_unset(empty: dict[str, Any]) -> None:
     ("kind", "destination", "needle"),
     [
         ("kinesis", "https://example.com/hook", "Invalid DestinationConfig"),
+        ("kinesis", "arn:aws:sns:us-east-1:123456789012:alerts", "SNS destinations are not"),
+        ("kinesis", "arn:aws:s3:::failed-records", "S3 destinations are not"),
+        ("kinesis", KINESIS_ARN, "not a destination"),
+        ("kinesis", "file://", "needs a path"),
+        ("kinesis", "redis-queue://u:hunter2@h/0/k?bogus=1", "Invalid DestinationConfig"),
         ("kinesis", "kafka://errors", "Kafka event source"),
         ("kafka", "kafka://payments", "must differ"),
         ("dynamodb", "arn:aws:sqs:us-east-1:123456789012:dlq.fifo", "standard"),
@@ -580,6 +587,7 @@ def test_empty_destination_is_unset(empty: dict[str, Any]) -> None:
 def test_destination_rejected(kind: str, destination: str, needle: str) -> None:
     err = error_of(kind, destination_config={"OnFailure": {"Destination": destination}})
     assert needle in err.message
+    assert "hunter2" not in str(err)
     assert err.parameter == "DestinationConfig"
 
 
@@ -758,7 +766,7 @@ def test_update_unknown_key() -> None:
 
 
 def test_update_runs_filter_hook() -> None:
-    def bad(criteria: dict[str, Any]) -> None:
+    def bad(criteria: dict[str, Any], **_: Any) -> None:
         raise ValueError("nope")
 
     with pytest.raises(MappingError) as info:

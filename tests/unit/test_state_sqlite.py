@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from poller.state.base import StateError, open_store
+from poller.state.base import Checkpoint, StateError, open_store
 from poller.state.sqlite import SCHEMA_VERSION, SqliteStore, parse_url
+from tests.state_contract import check_checkpoints
 
 
 @pytest.fixture
@@ -87,8 +88,9 @@ async def test_two_stores_on_one_file_see_each_other(tmp_path: Path) -> None:
         await cli.put_mapping(mapping("m1"))
         assert await daemon.revision() == before + 1
         assert await daemon.get_mapping("m1") == mapping("m1")
-        await daemon.set_checkpoint("m1", "shard-0", "42")
-        assert await cli.get_checkpoint("m1", "shard-0") == "42"
+        claim = await daemon.claim_shard("m1", "shard-0", "daemon")
+        await daemon.set_checkpoint("m1", "shard-0", claim.token, Checkpoint("42"))
+        assert await cli.list_checkpoints("m1") == {"shard-0": Checkpoint("42")}
         assert await cli.delete_mapping("m1")
         assert await daemon.list_mappings() == []
     finally:
@@ -110,32 +112,7 @@ async def test_status_merges_and_does_not_bump_revision(store: SqliteStore) -> N
 
 
 async def test_checkpoints(store: SqliteStore) -> None:
-    assert await store.get_checkpoint("m", "shard-1") is None
-    await store.set_checkpoint("m", "shard-1", "100")
-    await store.set_checkpoint("m", "shard-2", "7")
-    await store.set_checkpoint("m", "shard-1", "200")
-    assert await store.get_checkpoint("m", "shard-1") == "200"
-    assert await store.get_checkpoint("m", "shard-2") == "7"
-    assert await store.get_checkpoint("other", "shard-1") is None
-
-
-async def test_window_state(store: SqliteStore) -> None:
-    assert await store.get_window_state("m", "s") is None
-    await store.set_window_state("m", "s", {"total": 3, "keys": ["a"]})
-    assert await store.get_window_state("m", "s") == {"total": 3, "keys": ["a"]}
-    await store.set_window_state("m", "s", None)
-    assert await store.get_window_state("m", "s") is None
-
-
-async def test_delete_mapping_drops_its_state(store: SqliteStore) -> None:
-    await store.put_mapping(mapping("a"))
-    await store.set_status("a", {"LastProcessingResult": "OK"})
-    await store.set_checkpoint("a", "s", "1")
-    await store.set_window_state("a", "s", {"n": 1})
-    await store.delete_mapping("a")
-    assert await store.get_status("a") == {}
-    assert await store.get_checkpoint("a", "s") is None
-    assert await store.get_window_state("a", "s") is None
+    await check_checkpoints(store, mapping("m"))
 
 
 # -- lifecycle and errors --------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
 
 from poller.sources.base import (
     AwsDefaults,
@@ -88,7 +89,8 @@ class RedisQueueSpec(SourceSpec):
 
 
 def parse(uri: str, defaults: AwsDefaults) -> RedisQueueSpec:
-    address, key, query, display = parse_redis_uri(uri, "redis-queue")
+    address, path, query, display = parse_redis_uri(uri, "redis-queue")
+    key = unquote(path)
     options = parse_options(uri, query, OPTIONS, "redis-queue")
     if options["dead_letter"] is not None and options["max_receive_count"] is None:
         raise uri_error(

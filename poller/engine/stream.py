@@ -1,0 +1,324 @@
+"""Ordered mappings (Kinesis-like streams): Lambda's delivery contract, written once for every
+ordered source.
+
+A runner owns one mapping. It lists the source's shards (again every DISCOVER_INTERVAL_S and
+whenever a shard is read to its end, so resharding needs no restart) and runs one
+``ShardProcessor`` (engine/shard.py) per shard whose parents are finished: a child starts only
+after every parent was read to its end and checkpointed there. Concurrency is shards x
+ParallelizationFactor, bounded by the function's reserved concurrency and the memory budget
+through the function's leases (a throttle holds the shard, it never uses an attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
+
+from poller.engine.checkpoints import startable
+from poller.engine.destinations import Destination, open_destination
+from poller.engine.filter_compiler import compile_filter_criteria
+from poller.engine.filtering import RecordFilter, decode_base64_json
+from poller.engine.health import SourceHealth
+from poller.engine.runners import RunnerError, Services, source_context
+from poller.engine.shard import ShardProcessor
+from poller.logs import JsonLog
+from poller.mappings import Mapping
+from poller.metrics import MappingMetrics
+from poller.runtime.pool import FunctionPool
+from poller.sources.base import (
+    LATEST,
+    TRIM_HORIZON,
+    Shard,
+    SourceError,
+    SourceSpec,
+    StartAt,
+    StreamRecord,
+    StreamSource,
+)
+from poller.state.base import StateStore
+
+DISCOVER_INTERVAL_S: Final = 10.0
+STATUS_INTERVAL_S: Final = 1.0
+_decode = msgspec.json.Decoder().decode
+
+
+def daemon_id() -> str:
+    """Who claims shards: unique per daemon process (host, pid, a random part)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+@dataclass(slots=True)
+class StreamSettings:
+    """What a runner needs from a mapping, resolved once."""
+
+    uuid: str
+    function_name: str
+    function_arn: str
+    batch_size: int
+    batching_window_s: float
+    max_payload_bytes: int
+    starting: StartAt = LATEST
+    parallelization_factor: int = 1
+    bisect: bool = False
+    max_retries: int = -1
+    max_record_age_s: float | None = None
+    tumbling_window_s: int = 0
+    report_batch_item_failures: bool = False
+    filter: RecordFilter | None = None
+    record_shape: str = "kinesis"
+    owner: str = ""
+    # Backoff between retries of a failing batch (first, at most).
+    retry_first_s: float = 0.5
+    retry_most_s: float = 30.0
+
+
+class StreamRunner:
+    def __init__(
+        self,
+        settings: StreamSettings,
+        source: StreamSource,
+        pool: FunctionPool,
+        store: StateStore,
+        *,
+        log: JsonLog,
+        metrics: MappingMetrics,
+        destination: Destination | None = None,
+        on_status: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.pool = pool
+        self.store = store
+        self.log = log
+        self.metrics = metrics
+        self.destination = destination
+        self.fields = {"mapping": settings.uuid, "function": settings.function_name}
+        self.health = SourceHealth(log, metrics, self.fields, on_status)
+        self.processors: dict[str, ShardProcessor] = {}
+        self.finished: set[str] = set()
+        # Shards another owner claimed since we did: not taken back (leases decide that).
+        self.lost: set[str] = set()
+        self._shards: list[Shard] = []
+        self._started = asyncio.Event()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._status_task: asyncio.Task[None] | None = None
+
+    # -- the Runner interface -----------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
+
+    def status(self) -> dict[str, Any]:
+        ages = [p.iterator_age_s for p in self.processors.values() if p.iterator_age_s is not None]
+        return {
+            "state": "running" if self.started else "starting",
+            "lastProcessingResult": self.health.status or None,
+            "lastError": self.health.last_error if self.health.in_outage else None,
+            "iteratorAgeSeconds": round(max(ages), 3) if ages else None,
+            "concurrency": self.metrics.running_batches,
+            "concurrencyTarget": self._target(),
+            "shards": [p.status() for p in self.processors.values()]
+            + [{"shardId": shard, "state": "finished"} for shard in sorted(self.finished)]
+            + [{"shardId": shard, "state": "lost"} for shard in sorted(self.lost)],
+        }
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.source.start()
+                break
+            except SourceError as exc:
+                self.health.failed("start", exc)
+                await self._sleep(self.health.next_backoff())
+        if self._stopping:
+            return
+        self.health.ok()
+        self.metrics.running.set(1)
+        self._started.set()
+        self.log.info("mapping runner started", **self.fields, source=self.source.stream_arn)
+        self._status_task = asyncio.get_running_loop().create_task(self._report_status())
+        while not self._stopping:
+            try:
+                self._shards = await self.source.shards()
+                self.health.ok()
+            except SourceError as exc:
+                self.health.failed("list_shards", exc)
+                await self._sleep(self.health.next_backoff())
+                continue
+            self._reap()
+            taken = set(self.processors) | self.lost
+            for shard in startable(self._shards, self.finished, taken):
+                processor = ShardProcessor(self, shard)
+                self.processors[shard.id] = processor
+                processor.start()
+                self.log.info(
+                    "shard processor started",
+                    **self.fields,
+                    shard=shard.id,
+                    parents=list(shard.parents),
+                )
+            self.metrics.concurrency_target.set(self._target())
+            await self._sleep(DISCOVER_INTERVAL_S)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop reading; let batches in flight settle within grace_s (their checkpoints are
+        written as they settle); what was read and not settled is read again next time."""
+        self._stopping = True
+        self._wake.set()
+        await asyncio.gather(*(p.stop(grace_s) for p in list(self.processors.values())))
+        if self._status_task is not None:
+            self._status_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._status_task
+        with contextlib.suppress(Exception):
+            await self._write_status()
+        self.metrics.running.set(0)
+        self.metrics.running_batches = 0
+        self.metrics.flush()
+        if self.destination is not None:
+            with contextlib.suppress(Exception):
+                await self.destination.close()
+        with contextlib.suppress(Exception):
+            await self.source.close()
+
+    # -- what shard processors call ---------------------------------------------------------
+    def shard_done(self, processor: ShardProcessor) -> None:
+        """A processor ended: read to its end (children may start now), or let go."""
+        if processor.finished:
+            self.finished.add(processor.shard.id)
+        if processor.lost:
+            self.lost.add(processor.shard.id)
+        self._wake.set()
+
+    def counts_throttle(self) -> None:
+        self.metrics.throttles.inc()
+
+    def observe_age(self, processor: ShardProcessor) -> None:
+        age = processor.iterator_age_s or 0.0
+        self.metrics.iterator_age(processor.shard.id).set(age)
+        ages = [p.iterator_age_s for p in self.processors.values() if p.iterator_age_s is not None]
+        self.metrics.iterator_age_max.set(max(ages, default=age))
+
+    def matches(self, record_filter: RecordFilter, record: StreamRecord) -> bool:
+        """Whether a record passes the mapping's filters (§11.3: Kinesis-shaped records on
+        ``data``, decoded from base64, with the other ``kinesis`` members as metadata)."""
+        decoded = _decode(record.encoded)
+        if self.settings.record_shape == "kinesis":
+            return record_filter.matches_decoded(decoded["kinesis"], "data", decode_base64_json)
+        return record_filter.matches(decoded)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _target(self) -> int:
+        return sum(len(p.lanes) for p in self.processors.values() if not p.finished)
+
+    def _reap(self) -> None:
+        for shard_id, processor in list(self.processors.items()):
+            task = processor.task
+            if task is None or not task.done():
+                continue
+            del self.processors[shard_id]
+            if not task.cancelled() and task.exception() is not None:
+                # A bug or an unexpected error: say so; the shard starts again from its
+                # checkpoint on this pass.
+                self.log.error(
+                    f"shard processor crashed: {task.exception()!r}; restarting it",
+                    **self.fields,
+                    shard=shard_id,
+                )
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _report_status(self) -> None:
+        """Each shard's checkpoint, iterator age and state, for `poller mappings get`."""
+        last: Any = None
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            shards = self.status()["shards"]
+            if shards != last:
+                with contextlib.suppress(Exception):
+                    await self._write_status()
+                last = shards
+
+    async def _write_status(self) -> None:
+        await self.store.set_status(self.settings.uuid, {"Shards": self.status()["shards"]})
+
+
+def _starting(mapping: Mapping) -> StartAt:
+    position = mapping.starting_position
+    if position == "TRIM_HORIZON":
+        return TRIM_HORIZON
+    if position == "AT_TIMESTAMP":
+        return StartAt("at_timestamp", timestamp=mapping.starting_position_timestamp)
+    return LATEST
+
+
+_OWNER: Final = daemon_id()
+
+
+def build_stream_runner(
+    mapping: Mapping,
+    spec: SourceSpec,
+    pool: FunctionPool,
+    services: Services,
+    on_status: Callable[[str], None],
+) -> StreamRunner:
+    """The runner of an ordered mapping."""
+    opener = spec.kind.open
+    assert opener is not None, "build_runner starts only runnable kinds"
+    context = source_context(services, mapping.uuid)
+    try:
+        source: StreamSource = opener(spec, context)
+        record_filter = (
+            compile_filter_criteria(
+                mapping.filter_criteria, json_data_key=spec.kind.filter_json_key
+            )
+            if mapping.filter_criteria
+            else None
+        )
+        target = mapping.on_failure_destination
+        destination = open_destination(target, context) if target else None
+    except (SourceError, ValueError) as exc:
+        raise RunnerError(str(exc)) from None
+    age = mapping.maximum_record_age_in_seconds
+    aws = services.config.aws
+    settings = StreamSettings(
+        uuid=mapping.uuid,
+        function_name=mapping.function_name,
+        function_arn=mapping.function_arn(region=aws.region, account=aws.account),
+        batch_size=mapping.batch_size,
+        batching_window_s=mapping.batching_window_s,
+        max_payload_bytes=services.config.daemon.max_request_bytes,
+        starting=_starting(mapping),
+        parallelization_factor=mapping.parallelization_factor or 1,
+        bisect=bool(mapping.bisect_batch_on_function_error),
+        max_retries=-1
+        if mapping.maximum_retry_attempts is None
+        else mapping.maximum_retry_attempts,
+        max_record_age_s=None if age is None or age < 0 else float(age),
+        tumbling_window_s=mapping.tumbling_window_in_seconds or 0,
+        report_batch_item_failures=mapping.report_batch_item_failures,
+        filter=record_filter,
+        record_shape=spec.kind.record_shape,
+        owner=_OWNER,
+    )
+    return StreamRunner(
+        settings,
+        source,
+        pool,
+        services.store,
+        log=services.log,
+        metrics=MappingMetrics(mapping.uuid, mapping.function_name),
+        destination=destination,
+        on_status=on_status,
+    )
