@@ -54,6 +54,28 @@ class Registry:
             )
         return await self._with_status(Mapping.from_dict(data))
 
+    async def get_with_shards(self, uuid: str) -> tuple[Mapping, list[dict[str, Any]]]:
+        """The mapping, and for an ordered one each shard's durable checkpoint with the
+        iterator age and state its runner last reported (AWS's names, for people)."""
+        mapping = await self.get(uuid)
+        checkpoints = await self.store.list_checkpoints(uuid)
+        reported = {
+            s.get("shardId"): s for s in (await self.store.get_status(uuid)).get("Shards") or []
+        }
+        shards = []
+        for shard in sorted(set(checkpoints) | {k for k in reported if isinstance(k, str)}):
+            report = reported.get(shard, {})
+            checkpoint = checkpoints.get(shard)
+            shards.append(
+                {
+                    "ShardId": shard,
+                    "State": report.get("state", "not running"),
+                    "Checkpoint": checkpoint.position if checkpoint is not None else None,
+                    "IteratorAgeSeconds": report.get("iteratorAgeSeconds"),
+                }
+            )
+        return mapping, shards
+
     async def _with_status(self, mapping: Mapping) -> Mapping:
         status = await self.store.get_status(mapping.uuid)
         result = status.get("LastProcessingResult")

@@ -1,0 +1,11 @@
+"""The `poller` command: thin wrappers that parse, call a service, print.
+
+One module per group of commands; importing them registers their commands on ``app``.
+"""
+
+from poller.cli import mappings, run, send  # noqa: F401 - registers the commands
+from poller.cli.common import app
+
+
+def main() -> None:
+    app()
