@@ -22,16 +22,16 @@ SHARD_END: Final = "SHARD_END"
 
 class Sequenced(Protocol):
     sequence: str
+    settled: bool
 
 
 class ShardProgress:
     """The records of one shard between its checkpoint and the reader, in read order."""
 
-    __slots__ = ("_pending", "_settled")
+    __slots__ = ("_pending",)
 
     def __init__(self) -> None:
         self._pending: deque[Sequenced] = deque()
-        self._settled: set[int] = set()  # id() of settled records still in _pending
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -40,25 +40,20 @@ class ShardProgress:
         """Records just read, in order."""
         self._pending.extend(records)
 
-    def settle(self, records: Iterable[Sequenced]) -> None:
+    @staticmethod
+    def settle(records: Iterable[Sequenced]) -> None:
         """Records whose fate is decided: invoked successfully, filtered out or given up on."""
-        self._settled.update(map(id, records))
+        for record in records:
+            record.settled = True
 
     def advance(self) -> str | None:
         """The sequence number the checkpoint may move to now (None: no further than it is):
         the last of the settled records that every earlier record is settled before."""
-        pending, settled = self._pending, self._settled
+        pending = self._pending
         last: Sequenced | None = None
-        while pending and id(pending[0]) in settled:
+        while pending and pending[0].settled:
             last = pending.popleft()
-            settled.discard(id(last))
         return None if last is None else last.sequence
-
-    def clear(self) -> None:
-        """Forget everything (the shard is being let go: unsettled records are read again
-        from the checkpoint by whoever takes it next)."""
-        self._pending.clear()
-        self._settled.clear()
 
 
 def lane_of(partition_key: str, lanes: int) -> int:

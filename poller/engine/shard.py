@@ -247,7 +247,9 @@ class ShardProcessor(ShardReading):
         deadline = time.monotonic() + settings.batching_window_s
         while True:
             queue = lane.queue
-            while queue and not batch.full:
+            if not self.windowed:
+                await self._fill(batch, queue)
+            while self.windowed and queue and not batch.full:
                 record = queue[0]
                 if self.windowed:
                     if self.window is None:
@@ -280,6 +282,28 @@ class ShardProcessor(ShardReading):
         if not batch and self.windowed and self.window is not None and self._window_over():
             return [], True
         return (batch.records, False) if batch else await self._collect(lane)
+
+    async def _fill(self, batch: Batch[StreamRecord], queue: deque[StreamRecord]) -> None:
+        """Move records from the lane into the batch while they fit (Batch.add, inlined: this
+        runs for every record)."""
+        records = batch.records
+        size, count = batch.size, len(records)
+        limit, cap = batch.max_records, batch.max_bytes
+        while queue and count < limit:
+            record = queue[0]
+            extra = record.size + (1 if count else 0)
+            if size + extra > cap:
+                if not batch.too_big_alone(record):
+                    break
+                queue.popleft()
+                await self._give_up(
+                    [record], attempts.PAYLOAD_TOO_LARGE, Work([record]), None, invoked=False
+                )
+                continue
+            size += extra
+            count += 1
+            records.append(queue.popleft())
+        batch.size = size
 
     async def _deliver(self, records: list[StreamRecord], final: bool) -> None:
         """Invoke until every record is settled."""
@@ -352,7 +376,7 @@ class ShardProcessor(ShardReading):
                 final=final,
                 terminated_early=False,
             )
-        event = b'{"Records":[' + b",".join(r.encoded for r in records) + b"]" + members + b"}"
+        event = b'{"Records":[' + b",".join([r.encoded for r in records]) + b"]" + members + b"}"
         count = len(records)
         metrics.invoked_count += count
         metrics.batch_size.observe(count)

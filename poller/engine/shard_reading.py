@@ -118,6 +118,10 @@ class ShardReading:
             records = kept
         lanes = self.lanes
         count = len(lanes)
+        if count == 1:
+            lanes[0].queue.extend(records)
+            lanes[0].wake.set()
+            return
         for record in records:
             lane = lanes[lane_of(record.partition_key, count)]
             lane.queue.append(record)

@@ -213,7 +213,7 @@ class StreamRecord:
     """One record of a shard as the engine sees it: what ordering, checkpoints, lanes, record
     age and the 6 MB cap need, and the record as it goes into the event (``encoded``)."""
 
-    __slots__ = ("arrival", "encoded", "partition_key", "sequence", "size")
+    __slots__ = ("arrival", "encoded", "partition_key", "sequence", "settled", "size")
 
     def __init__(self, sequence: str, partition_key: str, arrival: float, encoded: bytes) -> None:
         self.sequence = sequence  # what a checkpoint stores and batchItemFailures names
@@ -221,6 +221,7 @@ class StreamRecord:
         self.arrival = arrival  # epoch seconds the service received it (iterator and record age)
         self.encoded = encoded
         self.size = len(encoded)
+        self.settled = False  # the engine's: done, filtered or given up on
 
     def __repr__(self) -> str:
         return f"StreamRecord({self.sequence!r}, key={self.partition_key!r})"

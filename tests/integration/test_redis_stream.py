@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from poller.sources.base import LATEST, StartAt
+from poller.sources.base import LATEST, TRIM_HORIZON, Shard, StartAt
 from poller.state.sqlite import SqliteStore
 from tests.integration.stream_harness import Harness, until
 from tests.servers import RedisServer
@@ -411,3 +413,58 @@ async def test_a_later_claim_fences_an_earlier_owner(
         assert checkpoints["f"].position == h.handled()[0]["seq"]
     finally:
         await store.close()
+
+
+async def test_entries_become_kinesis_records_and_nothing_is_lost(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Every shape of entry a Redis user may write is delivered faithfully (§7.2)."""
+    h = Harness(redis_server, tmp_path, keys=("shape",))
+    await _fresh(redis_server, "shape")
+    client = aioredis.Redis(host=redis_server.host, port=redis_server.port)
+    entries = [
+        {"body": "plain"},
+        {"body": "keyed", "pk": "user-1"},
+        {"pk": "user-2", "body": "key first"},
+        {"body": "odd key", "pk": 'a "quoted" \\ key'},
+        {"body": "unicode key", "pk": "clé"},
+        {"body": b"\xff\xfe binary"},
+        {"body": "more", "pk": "k", "trace": "t-1", "blob": b"\xff"},
+        {"note": "no body at all"},
+    ]
+    ids = [(await client.xadd("shape", fields)).decode() for fields in entries]
+    await client.aclose()
+    source = h.uri
+    async with h.running() as runner:
+        reader = await runner.source.open_reader(Shard("shape"), TRIM_HORIZON)
+        result = await reader.read(100, 0)
+    records = [json.loads(r.encoded) for r in result.records]
+    assert [r.sequence for r in result.records] == ids
+    ms = [int(i.split("-")[0]) for i in ids]
+    for record, entry_id, arrival in zip(records, ids, ms, strict=True):
+        assert record["eventSource"] == "aws:kinesis" and record["eventVersion"] == "1.0"
+        assert record["eventName"] == "aws:kinesis:record"
+        assert record["eventID"] == f"shape:{entry_id}"
+        assert record["eventSourceARN"] == source
+        assert record["kinesis"]["sequenceNumber"] == entry_id
+        assert record["kinesis"]["kinesisSchemaVersion"] == "1.0"
+        assert record["kinesis"]["approximateArrivalTimestamp"] == arrival / 1000
+        assert record["invokeIdentityArn"] == "arn:aws:iam::000000000000:role/poller"
+    data = [base64.b64decode(r["kinesis"]["data"]) for r in records]
+    assert data == [
+        b"plain",
+        b"keyed",
+        b"key first",
+        b"odd key",
+        b"unicode key",
+        b"\xff\xfe binary",
+        b"more",
+        b"",
+    ]
+    keys = [r["kinesis"]["partitionKey"] for r in records]
+    assert keys == [ids[0], "user-1", "user-2", 'a "quoted" \\ key', "clé", ids[5], "k", ids[7]]
+    assert [r.partition_key for r in result.records] == keys
+    assert records[6]["fields"] == {"trace": "t-1"}
+    assert records[6]["binaryFields"] == {"blob": base64.b64encode(b"\xff").decode()}
+    assert records[7]["fields"] == {"note": "no body at all"}
+    assert all("fields" not in r for r in records[:6])

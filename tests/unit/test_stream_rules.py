@@ -20,6 +20,7 @@ from poller.sources.base import Shard
 class R:
     sequence: str
     arrival: float = 0.0
+    settled: bool = False
 
 
 def records(n: int, arrival: float = 0.0) -> list[R]:

@@ -18,6 +18,8 @@ before it were trimmed (nothing unread lost) is reported too, once.
 from __future__ import annotations
 
 import base64
+import binascii
+import re
 import time
 import zlib
 from typing import Any, Final
@@ -52,6 +54,8 @@ MIN_SERVER_VERSION: Final = (5, 0)  # streams
 TRIM_CHECK_S: Final = 5.0
 SEND_CHUNK: Final = 1000
 MAX_SEQ: Final = 18446744073709551615  # the largest sequence part of an entry id
+# A partition key the record template can take as it is: printable ASCII, no quote or backslash.
+_NEEDS_ESCAPING: Final = re.compile(rb'[^\x20-\x7e]|["\\]')
 
 
 def _id(text: bytes | str) -> tuple[int, int]:
@@ -187,6 +191,7 @@ class RedisShardReader:
         self._after = after
         self.start_point: str | None = after
         self._event_prefix = key + ":"
+        self._template = stream.shape.shard_template(key)
         self._next_trim_check = time.monotonic() + TRIM_CHECK_S
         self._reported_until = _id(after)
 
@@ -220,23 +225,50 @@ class RedisShardReader:
         return ReadResult(records, lost=lost)
 
     def _records(self, entries: list[list[Any]]) -> list[StreamRecord]:
-        encode = self._stream.shape.encode
-        prefix = self._event_prefix
-        b64 = base64.b64encode
+        """Records for XREAD's entries. The hot path: an entry of ``body`` (and ``pk``) goes
+        straight to JSON through the shard's template, with everything it touches in locals;
+        any other entry through ``_fields`` and the shape's general encoder."""
+        template = self._template
+        b64 = binascii.b2a_base64
+        needs_escaping = _NEEDS_ESCAPING.search
         records = []
         append = records.append
         for raw_id, fields in entries:
-            entry_id = raw_id.decode("ascii")
-            ms = int(raw_id.partition(b"-")[0])
-            if len(fields) == 2 and fields[0] == BODY:
-                encoded = encode(prefix + entry_id, entry_id, entry_id, b64(fields[1]), ms)
-                append(StreamRecord(entry_id, entry_id, ms / 1000, encoded))
+            count = len(fields)
+            if count == 2 and fields[0] == BODY:
+                body, raw_key = fields[1], raw_id
+            elif count == 4 and fields[0] == BODY and fields[2] == PARTITION_KEY:
+                body, raw_key = fields[1], fields[3]
+            elif count == 4 and fields[0] == PARTITION_KEY and fields[2] == BODY:
+                body, raw_key = fields[3], fields[1]
+            else:
+                append(self._record(raw_id, fields))
                 continue
-            body, partition_key, extra = self._fields(fields)
-            key = partition_key if partition_key is not None else entry_id
-            encoded = encode(prefix + entry_id, key, entry_id, b64(body), ms, extra)
-            append(StreamRecord(entry_id, key, ms / 1000, encoded))
+            ms = raw_id.partition(b"-")[0]
+            if len(ms) < 4 or needs_escaping(raw_key):
+                append(self._record(raw_id, fields))
+                continue
+            encoded = template % (
+                b'"' + raw_key + b'"',
+                raw_id,
+                b64(body, newline=False),
+                ms[:-3],
+                ms[-3:],
+                raw_id,
+                b"",
+            )
+            append(StreamRecord(raw_id.decode(), raw_key.decode(), int(ms) / 1000, encoded))
         return records
+
+    def _record(self, raw_id: bytes, fields: list[bytes]) -> StreamRecord:
+        entry_id = raw_id.decode("ascii")
+        ms = int(raw_id.partition(b"-")[0])
+        body, partition_key, extra = self._fields(fields)
+        key = partition_key if partition_key is not None else entry_id
+        encoded = self._stream.shape.encode(
+            self._event_prefix + entry_id, key, entry_id, base64.b64encode(body), ms, extra
+        )
+        return StreamRecord(entry_id, key, ms / 1000, encoded)
 
     @staticmethod
     def _fields(fields: list[bytes]) -> tuple[bytes, str | None, bytes]:
