@@ -18,6 +18,7 @@ Contenders (``--only`` takes these names, or ``redis`` / ``kafka`` for a whole t
                            when ``poller.sources.kafka`` exists in this checkout
     faust                  ``faust -A APP worker``, faust-streaming, a no-op agent
     kafka-python           the baseline: a bare KafkaConsumer poll / run / commit loop
+    kafka-python-10ms      the same with fetch_max_wait_ms=10 (see contenders() for why)
 
 Every worker is a subprocess started the way its users start it, with its defaults (log level,
 prefetch, pool size) except where named above; the apps are in ``bench/peers_apps/``. Every
@@ -27,9 +28,11 @@ For each contender and each of ``--repeat`` rounds (the order rotates every roun
   * drain: N jobs are enqueued first with the contender's own client, then the worker
     starts; records/s = N / (last job's start - first job's start), so start-up is not
     counted. CPU per record = user + system CPU of the worker's whole process tree (and,
-    apart, of the broker) from its first job to its last, over N. "procs" is the size of the
-    worker's process tree at the end. A drain still short after ``--drain-timeout`` is
-    reported on what it did (marked "capped").
+    apart, of the broker) from its first job to its last, over N. At the end of the drain,
+    "procs" is the number of processes in the worker's tree and "PSS MB" their memory
+    (proportional set size, so pages a forked pool shares count once). "start s" is from
+    launching the worker to its first job (for Kafka mostly the broker's group join delay).
+    A drain still short after ``--drain-timeout`` is reported on what it did ("capped").
   * latency: the worker starts on an empty queue; once it has run a probe job, a producer
     enqueues jobs at ``--rate`` for ``--warmup`` + ``--seconds`` s; p50/p99 of started-at -
     enqueued-at over the jobs after the warm-up (wall clock, one machine).
@@ -43,6 +46,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shlex
 import signal
@@ -108,6 +112,7 @@ class Contender:
     package: str  # distribution whose version is reported
     command: Callable[[Run], list[str]]
     prepare: Callable[[Run], None] = lambda run: None
+    env: dict[str, str] = field(default_factory=dict)  # on top of Run.env(), for the worker
 
 
 @dataclass
@@ -116,6 +121,8 @@ class Result:
     cpu_us: list[float] = field(default_factory=list)
     broker_us: list[float] = field(default_factory=list)
     procs: list[int] = field(default_factory=list)
+    pss_mb: list[float] = field(default_factory=list)
+    start_s: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     notes: set[str] = field(default_factory=set)
@@ -205,6 +212,12 @@ def contenders(arq_python: str) -> list[Contender]:
                   create_topic),
         Contender("kafka-python", "kafka", sys.executable, "kafka_raw", "kafka-python",
                   lambda run: [sys.executable, str(APPS / "kafka_raw.py")], create_topic),
+        # tansu holds a fetch for a good part of its max wait even when records arrive, so
+        # on it a consumer's latency follows that setting (kafka-python 500 ms, faust 1.5 s);
+        # this row shows what the same loop gets with a short one.
+        Contender("kafka-python-10ms", "kafka", sys.executable, "kafka_raw", "kafka-python",
+                  lambda run: [sys.executable, str(APPS / "kafka_raw.py")], create_topic,
+                  {"PEERS_FETCH_MAX_WAIT_MS": "10"}),
     ]
     return found
 
@@ -231,7 +244,9 @@ class Worker:
 
     def __init__(self, contender: Contender, run: Run) -> None:
         self.log = (run.workdir / "worker.log").open("wb")
-        self.proc = subprocess.Popen(contender.command(run), cwd=run.workdir, env=run.env(),
+        self.launched = time.time()
+        self.proc = subprocess.Popen(contender.command(run), cwd=run.workdir,
+                                     env=run.env() | contender.env,
                                      stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -277,6 +292,14 @@ def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
+def pss_mb(procs: list[psutil.Process]) -> float:
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_full_info().pss
+    return total / 2**20
+
+
 def jobs_done(out: Path) -> int:
     return out.stat().st_size // LINE_BYTES
 
@@ -317,18 +340,22 @@ def drain(contender: Contender, run: Run, jobs: int, broker: psutil.Process,
             time.sleep(0.005)
         tree = worker.tree()
         after = cpu_seconds(tree), cpu_seconds([broker])
-        if before is None:  # all N ran between two looks
-            before = ({}, {})
+        memory = pss_mb(tree)
     finally:
         worker.stop()
     lines = read_lines(run.out)
     starts = sorted(start for _, start in lines)
     counted = starts[: min(done, jobs)]
+    # Unknown (not start-up CPU passed off as drain CPU) when all N ran between two looks.
+    cpu = [cpu_used(b, a) / len(counted) * 1e6 if before else math.nan
+           for b, a in zip(before or ({}, {}), after, strict=True)]
     return {
         "rate": len(counted) / (counted[-1] - counted[0]),
-        "cpu_us": cpu_used(before[0], after[0]) / len(counted) * 1e6,
-        "broker_us": cpu_used(before[1], after[1]) / len(counted) * 1e6,
+        "cpu_us": cpu[0],
+        "broker_us": cpu[1],
         "procs": len(tree),
+        "pss_mb": memory,
+        "start_s": counted[0] - worker.launched,
         "capped": float(done < jobs),
         "duplicates": max(0, len(lines) - jobs),
     }
@@ -372,14 +399,15 @@ def spread(values: list[float], fmt: str) -> str:
 
 def table(title: str, rows: list[tuple[Contender, str, Result]]) -> str:
     header = (f"| {title} | version | drain rec/s | p50 ms | p99 ms | worker CPU µs/rec "
-              f"| broker CPU µs/rec | procs |")
-    lines = [header, "|" + "---|" * 8]
+              f"| broker CPU µs/rec | procs | PSS MB | start s |")
+    lines = [header, "|" + "---|" * 10]
     for contender, ver, result in rows:
         name = contender.name + (" (capped)" if "capped" in result.notes else "")
         lines.append(
             f"| {name} | {ver} | {spread(result.rates, ',.0f')} | {spread(result.p50, '.2f')} "
             f"| {spread(result.p99, '.2f')} | {spread(result.cpu_us, '.0f')} "
-            f"| {spread(result.broker_us, '.0f')} | {spread(result.procs, 'd')} |"
+            f"| {spread(result.broker_us, '.0f')} | {spread(result.procs, '.0f')} "
+            f"| {spread(result.pss_mb, '.0f')} | {spread(result.start_s, '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -462,10 +490,18 @@ def main() -> None:
                                 result.cpu_us.append(got["cpu_us"])
                                 result.broker_us.append(got["broker_us"])
                                 result.procs.append(int(got["procs"]))
+                                result.pss_mb.append(got["pss_mb"])
+                                result.start_s.append(got["start_s"])
                                 if got["capped"]:
                                     result.notes.add("capped")
                                 summary = (f"{got['rate']:,.0f} rec/s, {got['cpu_us']:.0f} µs "
-                                           f"CPU/rec, {got['procs']:.0f} procs")
+                                           f"CPU/rec, {got['procs']:.0f} procs, "
+                                           f"{got['pss_mb']:.0f} MB, first job after "
+                                           f"{got['start_s']:.1f} s")
+                                if got["capped"]:
+                                    summary += f"; CAPPED after {args.drain_timeout:g} s"
+                                if got["duplicates"]:
+                                    summary += f"; {got['duplicates']:.0f} jobs ran twice"
                             else:
                                 got = latency(contender, run, args.rate, args.seconds,
                                               args.warmup)
@@ -473,6 +509,8 @@ def main() -> None:
                                 result.p99.append(got["p99"])
                                 summary = (f"p50 {got['p50']:.2f} ms, p99 {got['p99']:.2f} ms "
                                            f"over {got['n']:.0f} jobs at {got['offered']:.0f}/s")
+                                if got["lost"]:
+                                    summary += f"; {got['lost']:.0f} jobs never ran"
                         except RuntimeError as exc:
                             got = {"error": str(exc)}
                             summary = f"FAILED: {exc}"

@@ -49,6 +49,7 @@ def main() -> None:
         # tansu answers a JoinGroup after about half the session timeout.
         session_timeout_ms=6_000,
         heartbeat_interval_ms=1_000,
+        fetch_max_wait_ms=int(os.environ.get("PEERS_FETCH_MAX_WAIT_MS", "500")),  # its default
     )
     while not stopping:
         batches = consumer.poll(timeout_ms=200)
