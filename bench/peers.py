@@ -3,6 +3,11 @@
     python bench/peers.py [--jobs 10000] [--rate 200] [--seconds 10] [--repeat 3]
                           [--only NAME,...] [--quick]
 
+Set-up, once: the peers come with the bench extra (pip install -e '.[dev,bench]'), except arq,
+which needs a virtualenv of its own (see below):
+
+    python3 -m venv .venv/arq && .venv/arq/bin/pip install 'arq>=0.28'
+
 Contenders (``--only`` takes these names, or ``redis`` / ``kafka`` for a whole table):
 
   Redis queue, on one private redis-server:
@@ -514,7 +519,7 @@ def main() -> None:
                         except RuntimeError as exc:
                             got = {"error": str(exc)}
                             summary = f"FAILED: {exc}"
-                        print(f"  round {round_no + 1} {kind:7} {contender.name:12} {summary}",
+                        print(f"  round {round_no + 1} {kind:7} {contender.name:17} {summary}",
                               flush=True)
                         raw.append({"round": round_no + 1, "kind": kind,
                                     "contender": contender.name, **got})
