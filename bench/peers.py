@@ -20,7 +20,7 @@ Contenders (``--only`` takes these names, or ``redis`` / ``kafka`` for a whole t
                            cannot share one
   Kafka, on one tansu broker, a fresh one-partition topic per run:
     poller-kafka           ``poller run`` with a kafka:// mapping (BatchSize 100, no window),
-                           when ``poller.sources.kafka`` exists in this checkout
+                           when this checkout's poller can run one (poller_consumes_kafka)
     faust                  ``faust -A APP worker``, faust-streaming, a no-op agent
     kafka-python           the baseline: a bare KafkaConsumer poll / run / commit loop
     kafka-python-10ms      the same with fetch_max_wait_ms=10 (see contenders() for why)
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -62,7 +62,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,16 +89,19 @@ class Run:
     """Where one contender's worker runs this time, and what it may need."""
 
     workdir: Path
-    out: Path
     redis_url: str
     kafka: str
-    topic: str
-    group: str
+    topic: str = field(default_factory=lambda: f"peers-{uuid.uuid4().hex[:8]}")
+    group: str = field(default_factory=lambda: f"peers-{uuid.uuid4().hex[:8]}")
+
+    @property
+    def out(self) -> Path:
+        return self.workdir / "jobs.txt"
 
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
-            "PYTHONPATH": str(APPS),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(APPS), os.environ.get("PYTHONPATH")])),
             "PEERS_OUT": str(self.out),
             "PEERS_REDIS_URL": self.redis_url,
             "PEERS_STREAM": STREAM,
@@ -130,7 +133,20 @@ class Result:
     start_s: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
-    notes: set[str] = field(default_factory=set)
+    capped: bool = False
+
+    def add(self, kind: str, got: dict[str, float]) -> None:
+        if kind == "drain":
+            self.rates.append(got["rate"])
+            self.cpu_us.append(got["cpu_us"])
+            self.broker_us.append(got["broker_us"])
+            self.procs.append(int(got["procs"]))
+            self.pss_mb.append(got["pss_mb"])
+            self.start_s.append(got["start_s"])
+            self.capped = self.capped or bool(got["capped"])
+        else:
+            self.p50.append(got["p50"])
+            self.p99.append(got["p99"])
 
 
 # -- the contenders ----------------------------------------------------------------------------
@@ -138,8 +154,9 @@ class Result:
 
 def poller_config(run: Run, source: str, batch: int, extra: str = "") -> Path:
     config = run.workdir / "poller.toml"
-    config.write_text(textwrap.dedent(
-        f"""
+    config.write_text(
+        textwrap.dedent(
+            f"""
         [daemon]
         http_listen = "127.0.0.1:{free_port()}"
 
@@ -159,7 +176,9 @@ def poller_config(run: Run, source: str, batch: int, extra: str = "") -> Path:
         batch_size = {batch}
         maximum_batching_window_in_seconds = 0
         """
-    ) + extra)
+        )
+        + extra
+    )
     return config
 
 
@@ -171,18 +190,45 @@ def poller_redis(batch: int) -> Contender:
 
     def command(run: Run) -> list[str]:
         source = run.redis_url.replace("redis://", "redis-queue://") + f"/{STREAM}?group=peers"
-        return [sys.executable, "-m", "poller.cli", "run", "--config",
-                str(poller_config(run, source, batch))]
+        return [
+            sys.executable,
+            "-m",
+            "poller.cli",
+            "run",
+            "--config",
+            str(poller_config(run, source, batch)),
+        ]
 
-    return Contender(f"poller-b{batch}", "redis", sys.executable, "poller_noop", "poller",
-                     command, prepare)
+    return Contender(
+        f"poller-b{batch}", "redis", sys.executable, "poller_noop", "poller", command, prepare
+    )
 
 
 def poller_kafka(run: Run) -> list[str]:
     source = f"kafka://{run.kafka}/{run.topic}"
     extra = f'starting_position = "TRIM_HORIZON"\nconsumer_group_id = "{run.group}"\n'
-    return [sys.executable, "-m", "poller.cli", "run", "--config",
-            str(poller_config(run, source, KAFKA_BATCH, extra))]
+    return [
+        sys.executable,
+        "-m",
+        "poller.cli",
+        "run",
+        "--config",
+        str(poller_config(run, source, KAFKA_BATCH, extra)),
+    ]
+
+
+def poller_consumes_kafka() -> bool:
+    """Whether this checkout's poller can run a kafka:// mapping.
+
+    poller.sources.kafka may exist for the URI alone: since the sources became one module
+    each, a kind without an ``open`` is refused by the daemon as not supported.
+    """
+    try:
+        module = importlib.import_module("poller.sources.kafka")
+    except ImportError:
+        return False
+    kind = getattr(module, "SOURCE", None)
+    return kind is None or getattr(kind, "open", None) is not None
 
 
 def create_topic(run: Run) -> None:
@@ -200,29 +246,84 @@ def contenders(arq_python: str) -> list[Contender]:
     found = [
         poller_redis(1),
         poller_redis(10),
-        Contender("celery", "redis", sys.executable, "celery_app", "celery", lambda run: [
-            str(bin_dir / "celery"), "-A", "celery_app", "worker",
-            "--pool", "prefork", "--concurrency", str(CORES)]),
-        Contender("dramatiq", "redis", sys.executable, "dramatiq_app", "dramatiq",
-                  lambda run: [str(bin_dir / "dramatiq"), "dramatiq_app"]),
-        Contender("arq", "redis", arq_python, "arq_app", "arq", lambda run: [
-            str(Path(arq_python).parent / "arq"), "arq_app.WorkerSettings"]),
+        Contender(
+            "celery",
+            "redis",
+            sys.executable,
+            "celery_app",
+            "celery",
+            lambda run: [
+                str(bin_dir / "celery"),
+                "-A",
+                "celery_app",
+                "worker",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                str(CORES),
+            ],
+        ),
+        Contender(
+            "dramatiq",
+            "redis",
+            sys.executable,
+            "dramatiq_app",
+            "dramatiq",
+            lambda run: [str(bin_dir / "dramatiq"), "dramatiq_app"],
+        ),
+        Contender(
+            "arq",
+            "redis",
+            arq_python,
+            "arq_app",
+            "arq",
+            lambda run: [str(Path(arq_python).parent / "arq"), "arq_app.WorkerSettings"],
+        ),
     ]
-    if importlib.util.find_spec("poller.sources.kafka") is not None:
-        found.append(Contender("poller-kafka", "kafka", sys.executable, "kafka_raw", "poller",
-                               poller_kafka, create_topic))
+    if poller_consumes_kafka():
+        found.append(
+            Contender(
+                "poller-kafka",
+                "kafka",
+                sys.executable,
+                "kafka_raw",
+                "poller",
+                poller_kafka,
+                create_topic,
+            )
+        )
     found += [
-        Contender("faust", "kafka", sys.executable, "kafka_raw", "faust-streaming",
-                  lambda run: [str(bin_dir / "faust"), "-A", "faust_app", "worker"],
-                  create_topic),
-        Contender("kafka-python", "kafka", sys.executable, "kafka_raw", "kafka-python",
-                  lambda run: [sys.executable, str(APPS / "kafka_raw.py")], create_topic),
+        Contender(
+            "faust",
+            "kafka",
+            sys.executable,
+            "kafka_raw",
+            "faust-streaming",
+            lambda run: [str(bin_dir / "faust"), "-A", "faust_app", "worker"],
+            create_topic,
+        ),
+        Contender(
+            "kafka-python",
+            "kafka",
+            sys.executable,
+            "kafka_raw",
+            "kafka-python",
+            lambda run: [sys.executable, str(APPS / "kafka_raw.py")],
+            create_topic,
+        ),
         # tansu holds a fetch for a good part of its max wait even when records arrive, so
         # on it a consumer's latency follows that setting (kafka-python 500 ms, faust 1.5 s);
         # this row shows what the same loop gets with a short one.
-        Contender("kafka-python-10ms", "kafka", sys.executable, "kafka_raw", "kafka-python",
-                  lambda run: [sys.executable, str(APPS / "kafka_raw.py")], create_topic,
-                  {"PEERS_FETCH_MAX_WAIT_MS": "10"}),
+        Contender(
+            "kafka-python-10ms",
+            "kafka",
+            sys.executable,
+            "kafka_raw",
+            "kafka-python",
+            lambda run: [sys.executable, str(APPS / "kafka_raw.py")],
+            create_topic,
+            {"PEERS_FETCH_MAX_WAIT_MS": "10"},
+        ),
     ]
     return found
 
@@ -230,13 +331,17 @@ def contenders(arq_python: str) -> list[Contender]:
 def version(contender: Contender) -> str:
     code = f"import importlib.metadata as m; print(m.version({contender.package!r}))"
     try:
-        found = subprocess.run([contender.python, "-c", code], capture_output=True, text=True,
-                               check=True).stdout.strip()
+        found = subprocess.run(
+            [contender.python, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
     if contender.package == "poller":
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return f"{found}+{commit}" if commit else found
     return found
 
@@ -250,10 +355,15 @@ class Worker:
     def __init__(self, contender: Contender, run: Run) -> None:
         self.log = (run.workdir / "worker.log").open("wb")
         self.launched = time.time()
-        self.proc = subprocess.Popen(contender.command(run), cwd=run.workdir,
-                                     env=run.env() | contender.env,
-                                     stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            contender.command(run),
+            cwd=run.workdir,
+            env=run.env() | contender.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def check(self) -> None:
         if self.proc.poll() is not None:
@@ -310,27 +420,35 @@ def jobs_done(out: Path) -> int:
 
 
 def read_lines(out: Path) -> list[tuple[float, float]]:
-    return [(float(sent), float(start))
-            for sent, start in (line.split() for line in out.read_text().splitlines())]
+    return [
+        (float(sent), float(start))
+        for sent, start in (line.split() for line in out.read_text().splitlines())
+    ]
 
 
 def produce(contender: Contender, run: Run, *args: str) -> dict[str, float]:
-    done = subprocess.run([contender.python, str(APPS / "produce.py"), contender.producer,
-                           *args], env=run.env(), cwd=run.workdir, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [contender.python, str(APPS / "produce.py"), contender.producer, *args],
+        env=run.env(),
+        cwd=run.workdir,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"producer failed: {done.stderr.strip()[-2000:]}")
     result: dict[str, float] = json.loads(done.stdout.splitlines()[-1])
     return result
 
 
-def drain(contender: Contender, run: Run, jobs: int, broker: psutil.Process,
-          timeout: float) -> dict[str, float]:
+def drain(
+    contender: Contender, run: Run, jobs: int, broker: psutil.Process, timeout: float
+) -> dict[str, float]:
     contender.prepare(run)
     produce(contender, run, "--count", str(jobs))
     worker = Worker(contender, run)
     try:
         start_deadline = time.monotonic() + 120
+        drain_deadline = math.inf
         before: tuple[dict[int, float], dict[int, float]] | None = None
         while (done := jobs_done(run.out)) < jobs:
             now = time.monotonic()
@@ -339,7 +457,7 @@ def drain(contender: Contender, run: Run, jobs: int, broker: psutil.Process,
                 drain_deadline = now + timeout
             if before is None and now > start_deadline:
                 raise RuntimeError(f"no job ran within 120 s; see {worker.log.name}")
-            if before is not None and now > drain_deadline:
+            if now > drain_deadline:
                 break
             worker.check()
             time.sleep(0.005)
@@ -352,8 +470,10 @@ def drain(contender: Contender, run: Run, jobs: int, broker: psutil.Process,
     starts = sorted(start for _, start in lines)
     counted = starts[: min(done, jobs)]
     # Unknown (not start-up CPU passed off as drain CPU) when all N ran between two looks.
-    cpu = [cpu_used(b, a) / len(counted) * 1e6 if before else math.nan
-           for b, a in zip(before or ({}, {}), after, strict=True)]
+    cpu = [
+        cpu_used(b, a) / len(counted) * 1e6 if before else math.nan
+        for b, a in zip(before or ({}, {}), after, strict=True)
+    ]
     return {
         "rate": len(counted) / (counted[-1] - counted[0]),
         "cpu_us": cpu[0],
@@ -366,13 +486,22 @@ def drain(contender: Contender, run: Run, jobs: int, broker: psutil.Process,
     }
 
 
-def latency(contender: Contender, run: Run, rate: float, seconds: float,
-            warmup: float) -> dict[str, float]:
+def latency(
+    contender: Contender, run: Run, rate: float, seconds: float, warmup: float
+) -> dict[str, float]:
     contender.prepare(run)
     worker = Worker(contender, run)
     try:
-        sent = produce(contender, run, "--rate", str(rate), "--seconds", str(warmup + seconds),
-                       "--probe-until", str(run.out))
+        sent = produce(
+            contender,
+            run,
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(warmup + seconds),
+            "--probe-until",
+            str(run.out),
+        )
         deadline = time.monotonic() + 30
         while True:
             measured = [(s, t) for s, t in read_lines(run.out) if s > 0]
@@ -384,16 +513,22 @@ def latency(contender: Contender, run: Run, rate: float, seconds: float,
         worker.stop()
     cutoff = sent["first"] + warmup
     samples = sorted((t - s) * 1000 for s, t in measured if s >= cutoff)
+    if len(samples) < 2:
+        raise RuntimeError(f"only {len(samples)} jobs ran after the warm-up")
     quantiles = statistics.quantiles(samples, n=100, method="inclusive")
-    return {"p50": quantiles[49], "p99": quantiles[98], "n": len(samples),
-            "lost": sent["sent"] - len(measured),
-            "offered": (sent["sent"] - 1) / (sent["last"] - sent["first"])}
+    return {
+        "p50": quantiles[49],
+        "p99": quantiles[98],
+        "n": len(samples),
+        "lost": sent["sent"] - len(measured),
+        "offered": (sent["sent"] - 1) / (sent["last"] - sent["first"]),
+    }
 
 
 # -- the report --------------------------------------------------------------------------------
 
 
-def spread(values: list[float], fmt: str) -> str:
+def spread(values: Sequence[float], fmt: str) -> str:
     if not values:
         return "-"
     middle = format(statistics.median(values), fmt)
@@ -403,11 +538,13 @@ def spread(values: list[float], fmt: str) -> str:
 
 
 def table(title: str, rows: list[tuple[Contender, str, Result]]) -> str:
-    header = (f"| {title} | version | drain rec/s | p50 ms | p99 ms | worker CPU µs/rec "
-              f"| broker CPU µs/rec | procs | PSS MB | start s |")
+    header = (
+        f"| {title} | version | drain rec/s | p50 ms | p99 ms | worker CPU µs/rec "
+        f"| broker CPU µs/rec | procs | PSS MB | start s |"
+    )
     lines = [header, "|" + "---|" * 10]
     for contender, ver, result in rows:
-        name = contender.name + (" (capped)" if "capped" in result.notes else "")
+        name = contender.name + (" (capped)" if result.capped else "")
         lines.append(
             f"| {name} | {ver} | {spread(result.rates, ',.0f')} | {spread(result.p50, '.2f')} "
             f"| {spread(result.p99, '.2f')} | {spread(result.cpu_us, '.0f')} "
@@ -417,6 +554,34 @@ def table(title: str, rows: list[tuple[Contender, str, Result]]) -> str:
     return "\n".join(lines)
 
 
+def measure(
+    kind: str, contender: Contender, run: Run, broker: psutil.Process, args: argparse.Namespace
+) -> dict[str, float]:
+    if kind == "drain":
+        return drain(contender, run, args.jobs, broker, args.drain_timeout)
+    return latency(contender, run, args.rate, args.seconds, args.warmup)
+
+
+def describe(kind: str, got: dict[str, float], args: argparse.Namespace) -> str:
+    if kind == "drain":
+        text = (
+            f"{got['rate']:,.0f} rec/s, {got['cpu_us']:.0f} µs CPU/rec, {got['procs']:.0f} "
+            f"procs, {got['pss_mb']:.0f} MB, first job after {got['start_s']:.1f} s"
+        )
+        if got["capped"]:
+            text += f"; CAPPED after {args.drain_timeout:g} s"
+        if got["duplicates"]:
+            text += f"; {got['duplicates']:.0f} jobs ran twice"
+        return text
+    text = (
+        f"p50 {got['p50']:.2f} ms, p99 {got['p99']:.2f} ms "
+        f"over {got['n']:.0f} jobs at {got['offered']:.0f}/s"
+    )
+    if got["lost"]:
+        text += f"; {got['lost']:.0f} jobs never ran"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000, help="jobs per drain")
@@ -424,19 +589,27 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured latency window")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the order rotates")
-    parser.add_argument("--drain-timeout", type=float, default=120.0,
-                        help="stop a drain after this long and report what it did")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120.0,
+        help="stop a drain after this long and report what it did",
+    )
     parser.add_argument("--only", help="comma-separated contender names, or redis / kafka")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 1,000 jobs, 3 s of latency, one round")
-    parser.add_argument("--arq-python", default=str(ROOT / ".venv" / "arq" / "bin" / "python"),
-                        help="interpreter of a virtualenv with arq installed")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke check: 1,000 jobs, 3 s of latency, one round"
+    )
+    parser.add_argument(
+        "--arq-python",
+        default=str(ROOT / ".venv" / "arq" / "bin" / "python"),
+        help="interpreter of a virtualenv with arq installed",
+    )
     args = parser.parse_args()
     if args.quick:
         args.jobs, args.seconds, args.warmup, args.repeat = 1000, 3.0, 1.0, 1
 
     everyone = contenders(args.arq_python)
-    if importlib.util.find_spec("poller.sources.kafka") is None:
+    if not poller_consumes_kafka():
         print("poller: kafka source not available in this checkout")
     if args.only:
         wanted = set(args.only.split(","))
@@ -447,10 +620,14 @@ def main() -> None:
     chosen = []
     for contender in everyone:
         if not Path(contender.python).exists():
-            print(f"{contender.name}: skipped, no {contender.python}; make it with:\n"
-                  f"    python3 -m venv .venv/arq && .venv/arq/bin/pip install 'arq>=0.28'")
+            print(
+                f"{contender.name}: skipped, no {contender.python}; make it with:\n"
+                f"    python3 -m venv .venv/arq && .venv/arq/bin/pip install 'arq>=0.28'"
+            )
         else:
             chosen.append(contender)
+    if not chosen:
+        parser.exit(1, "nothing to run\n")
     versions = {c.name: version(c) for c in chosen}
     results = {c.name: Result() for c in chosen}
     raw: list[dict[str, object]] = []
@@ -468,61 +645,37 @@ def main() -> None:
         try:
             redis_url = servers["redis"].url if "redis" in servers else ""
             kafka = servers["kafka"].url if "kafka" in servers else ""
-            print(f"{CORES} CPUs, load {load_before[0]:.2f}; {args.jobs:,} jobs per drain; "
-                  f"latency at {args.rate:g} jobs/s for {args.seconds:g} s after "
-                  f"{args.warmup:g} s; {args.repeat} round(s)")
+            print(
+                f"{CORES} CPUs, load {load_before[0]:.2f}; {args.jobs:,} jobs per drain; "
+                f"latency at {args.rate:g} jobs/s for {args.seconds:g} s after "
+                f"{args.warmup:g} s; {args.repeat} round(s)"
+            )
             print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
             for round_no in range(args.repeat):
-                order = chosen[round_no % len(chosen):] + chosen[: round_no % len(chosen)]
+                order = chosen[round_no % len(chosen) :] + chosen[: round_no % len(chosen)]
                 for kind in ("drain", "latency"):
                     for contender in order:
-                        server = servers[contender.broker]
                         if contender.broker == "redis":
                             with redis.Redis.from_url(redis_url) as client:
                                 client.flushall()
-                        run = Run(workdir / f"{contender.name}-{kind}-{round_no}",
-                                  Path(), redis_url, kafka, f"peers-{uuid.uuid4().hex[:8]}",
-                                  f"peers-{uuid.uuid4().hex[:8]}")
+                        run = Run(workdir / f"{contender.name}-{kind}-{round_no}", redis_url, kafka)
                         run.workdir.mkdir()
-                        run.out = run.workdir / "jobs.txt"
                         run.out.touch()
-                        result = results[contender.name]
+                        broker = psutil.Process(servers[contender.broker].proc.pid)
                         try:
-                            if kind == "drain":
-                                got = drain(contender, run, args.jobs,
-                                            psutil.Process(server.proc.pid), args.drain_timeout)
-                                result.rates.append(got["rate"])
-                                result.cpu_us.append(got["cpu_us"])
-                                result.broker_us.append(got["broker_us"])
-                                result.procs.append(int(got["procs"]))
-                                result.pss_mb.append(got["pss_mb"])
-                                result.start_s.append(got["start_s"])
-                                if got["capped"]:
-                                    result.notes.add("capped")
-                                summary = (f"{got['rate']:,.0f} rec/s, {got['cpu_us']:.0f} µs "
-                                           f"CPU/rec, {got['procs']:.0f} procs, "
-                                           f"{got['pss_mb']:.0f} MB, first job after "
-                                           f"{got['start_s']:.1f} s")
-                                if got["capped"]:
-                                    summary += f"; CAPPED after {args.drain_timeout:g} s"
-                                if got["duplicates"]:
-                                    summary += f"; {got['duplicates']:.0f} jobs ran twice"
-                            else:
-                                got = latency(contender, run, args.rate, args.seconds,
-                                              args.warmup)
-                                result.p50.append(got["p50"])
-                                result.p99.append(got["p99"])
-                                summary = (f"p50 {got['p50']:.2f} ms, p99 {got['p99']:.2f} ms "
-                                           f"over {got['n']:.0f} jobs at {got['offered']:.0f}/s")
-                                if got["lost"]:
-                                    summary += f"; {got['lost']:.0f} jobs never ran"
+                            got = measure(kind, contender, run, broker, args)
+                            results[contender.name].add(kind, got)
+                            summary = describe(kind, got, args)
                         except RuntimeError as exc:
                             got = {"error": str(exc)}
                             summary = f"FAILED: {exc}"
-                        print(f"  round {round_no + 1} {kind:7} {contender.name:17} {summary}",
-                              flush=True)
-                        raw.append({"round": round_no + 1, "kind": kind,
-                                    "contender": contender.name, **got})
+                        print(
+                            f"  round {round_no + 1} {kind:7} {contender.name:17} {summary}",
+                            flush=True,
+                        )
+                        raw.append(
+                            {"round": round_no + 1, "kind": kind, "contender": contender.name} | got
+                        )
         finally:
             for server in servers.values():
                 server.stop()

@@ -12,8 +12,11 @@ def handler(event: dict[str, Any], context: object) -> None:
     if "Records" in event:
         record_many(float(r["body"]) for r in event["Records"])
     else:  # SelfManagedKafka: records grouped by "topic-partition", values in base64
-        record_many(float(base64.b64decode(r["value"]))
-                    for batch in event["records"].values() for r in batch)
+        record_many(
+            float(base64.b64decode(r["value"]))
+            for batch in event["records"].values()
+            for r in batch
+        )
 
 
 def open_producer() -> tuple[Any, Any]:
