@@ -128,10 +128,7 @@ class ShardProcessor(ShardReading):
         runner = self.runner
         settings = runner.settings
         try:
-            claim = await self._state(
-                "claim",
-                lambda: runner.store.claim_shard(settings.uuid, self.shard.id, settings.owner),
-            )
+            claim = await self._state("claim", lambda: runner.ownership.claim(self.shard))
             self._token, self.checkpoint = claim.token, claim.checkpoint
             position = self.checkpoint.position
             if position == SHARD_END:
@@ -174,6 +171,9 @@ class ShardProcessor(ShardReading):
             if self._reader is not None:
                 with contextlib.suppress(Exception):
                     await self._reader.close()
+            if self._token and not self.lost:
+                with contextlib.suppress(Exception):
+                    await runner.ownership.release(self.shard, self._token)
             runner.shard_done(self)
 
     def _wake_all(self) -> None:
@@ -555,11 +555,10 @@ class ShardProcessor(ShardReading):
 
     async def _write(self, checkpoint: Checkpoint, locked: bool = False) -> None:
         runner = self.runner
-        uuid = runner.settings.uuid
         try:
             await self._state(
                 "checkpoint",
-                lambda: runner.store.set_checkpoint(uuid, self.shard.id, self._token, checkpoint),
+                lambda: runner.ownership.write(self.shard, self._token, checkpoint),
             )
         except StaleClaimError as exc:
             runner.log.error(f"{exc}; letting the shard go", **self._fields)

@@ -26,6 +26,7 @@ from poller.engine.destinations import Destination, open_destination
 from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.filtering import RecordFilter, decode_base64_json
 from poller.engine.health import SourceHealth
+from poller.engine.ownership import Ownership, StoreOwnership
 from poller.engine.runners import RunnerError, Services, source_context
 from poller.engine.shard import ShardProcessor
 from poller.logs import JsonLog
@@ -42,7 +43,7 @@ from poller.sources.base import (
     StreamRecord,
     StreamSource,
 )
-from poller.state.base import StateStore
+from poller.state.base import StateError, StateStore
 
 DISCOVER_INTERVAL_S: Final = 10.0
 STATUS_INTERVAL_S: Final = 1.0
@@ -77,6 +78,8 @@ class StreamSettings:
     # Backoff between retries of a failing batch (first, at most).
     retry_first_s: float = 0.5
     retry_most_s: float = 30.0
+    # How long a shard taken away (rebalance, lease lost) may finish its batch in flight.
+    handover_grace_s: float = 10.0
 
 
 class StreamRunner:
@@ -90,12 +93,14 @@ class StreamRunner:
         log: JsonLog,
         metrics: MappingMetrics,
         destination: Destination | None = None,
+        ownership: Ownership | None = None,
         on_status: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
         self.pool = pool
         self.store = store
+        self.ownership = ownership or StoreOwnership(store, settings.uuid, settings.owner)
         self.log = log
         self.metrics = metrics
         self.destination = destination
@@ -110,6 +115,7 @@ class StreamRunner:
         self._stopping = False
         self._wake = asyncio.Event()
         self._status_task: asyncio.Task[None] | None = None
+        self._giving_back: set[asyncio.Task[None]] = set()
 
     # -- the Runner interface -----------------------------------------------------------------
     @property
@@ -145,6 +151,7 @@ class StreamRunner:
         self._started.set()
         self.log.info("mapping runner started", **self.fields, source=self.source.stream_arn)
         self._status_task = asyncio.get_running_loop().create_task(self._report_status())
+        await self.ownership.start(self._wake.set)
         while not self._stopping:
             try:
                 self._shards = await self.source.shards()
@@ -154,8 +161,16 @@ class StreamRunner:
                 await self._sleep(self.health.next_backoff())
                 continue
             self._reap()
+            for shard_id in self.ownership.revoked() & set(self.processors):
+                self._give_back(self.processors[shard_id])
+            try:
+                self.finished |= await self.ownership.finished()
+            except StateError as exc:
+                self.log.error(f"state store unavailable: {exc}", **self.fields)
+                await self._sleep(self.health.next_backoff())
+                continue
             taken = set(self.processors) | self.lost
-            for shard in startable(self._shards, self.finished, taken):
+            for shard in await self.ownership.take(startable(self._shards, self.finished, taken)):
                 processor = ShardProcessor(self, shard)
                 self.processors[shard.id] = processor
                 processor.start()
@@ -174,6 +189,9 @@ class StreamRunner:
         self._stopping = True
         self._wake.set()
         await asyncio.gather(*(p.stop(grace_s) for p in list(self.processors.values())))
+        await asyncio.gather(*self._giving_back, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.ownership.close()
         if self._status_task is not None:
             self._status_task.cancel()
             with contextlib.suppress(BaseException):
@@ -216,6 +234,17 @@ class StreamRunner:
         return record_filter.matches(decoded)
 
     # -- internals ---------------------------------------------------------------------------
+    def _give_back(self, processor: ShardProcessor) -> None:
+        """Stop a shard this daemon no longer owns; its in-flight batches settle first."""
+        if processor.stopping:
+            return
+        self.log.info("shard taken away: letting it go", **self.fields, shard=processor.shard.id)
+        task = asyncio.get_running_loop().create_task(
+            processor.stop(self.settings.handover_grace_s)
+        )
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
     def _target(self) -> int:
         return sum(len(p.lanes) for p in self.processors.values() if not p.finished)
 

@@ -144,7 +144,9 @@ class Harness:
             await client.aclose()
 
     @contextlib.asynccontextmanager
-    async def running(self, store: SqliteStore | None = None) -> AsyncIterator[StreamRunner]:
+    async def running(
+        self, store: SqliteStore | None = None, ownership: Any = None
+    ) -> AsyncIterator[StreamRunner]:
         (self.tmp / "stream_handlers.py").write_text(HANDLERS)
         function = FunctionConfig(
             name="f",
@@ -182,6 +184,7 @@ class Harness:
             log=log,
             metrics=MappingMetrics(f"m-{uuid.uuid4().hex[:6]}", "f"),
             destination=FileDestination(self.failures) if self.destination else None,
+            ownership=ownership(store, settings) if ownership is not None else None,
         )
         task = asyncio.get_running_loop().create_task(runner.run())
         try:

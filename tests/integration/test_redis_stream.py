@@ -12,6 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from poller.engine.ownership import StoreOwnership
 from poller.sources.base import LATEST, TRIM_HORIZON, Shard, StartAt
 from poller.state.sqlite import SqliteStore
 from tests.integration.stream_harness import Harness, until
@@ -468,3 +469,80 @@ async def test_entries_become_kinesis_records_and_nothing_is_lost(
     assert records[6]["binaryFields"] == {"blob": base64.b64encode(b"\xff").decode()}
     assert records[7]["fields"] == {"note": "no body at all"}
     assert all("fields" not in r for r in records[:6])
+
+
+class _Revoking(StoreOwnership):
+    """Single-node ownership that can take a shard away, as a rebalance or a lost lease does."""
+
+    def __init__(self, store: Any, settings: Any) -> None:
+        super().__init__(store, settings.uuid, settings.owner)
+        self.taken_away: set[str] = set()
+        self.released: list[str] = []
+        self._on_change: Any = None
+
+    async def start(self, on_change: Any) -> None:
+        self._on_change = on_change
+
+    async def take(self, startable: Any) -> list[Any]:
+        return [s for s in startable if s.id not in self.taken_away]
+
+    def revoked(self) -> set[str]:
+        return set(self.taken_away)
+
+    def take_away(self, shard: str) -> None:
+        self.taken_away.add(shard)
+        self._on_change()
+
+    async def release(self, shard: Any, token: int) -> None:
+        self.released.append(shard.id)
+
+
+async def test_a_shard_taken_away_settles_its_batch_and_is_released(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    h = Harness(
+        redis_server,
+        tmp_path,
+        keys=("x", "y"),
+        environment={"SLEEP": "0.5"},
+        settings={"batch_size": 2},
+    )
+    await _fresh(redis_server, "x", "y")
+    xs = await h.add("x", "x0", "x1", "x2", "x3")
+    ys = await h.add("y", "y0", "y1")
+    made: list[_Revoking] = []
+
+    def ownership(store: Any, settings: Any) -> _Revoking:
+        made.append(_Revoking(store, settings))
+        return made[0]
+
+    async with h.running(ownership=ownership) as runner:
+        await until(
+            lambda: (
+                any(r["shard"] == "x" for r in h.handled())
+                or (
+                    runner.processors.get("x") is not None
+                    and runner.processors["x"].state == "invoking"
+                )
+            ),
+            10,
+            "x started",
+        )
+        made[0].take_away("x")
+        await until(lambda: "x" not in runner.processors, 10, "x let go")
+        await until(lambda: len([r for r in h.handled() if r["shard"] == "y"]) == 2, 10, "y")
+    assert made[0].released[0] == "x"
+    done_x = [r["seq"] for r in h.handled() if r["shard"] == "x"]
+    assert done_x == xs[: len(done_x)] and done_x  # what ran, ran in order; then it stopped
+    checkpoints = await _checkpoints(tmp_path)
+    assert checkpoints["x"] == done_x[-1]  # the batch in flight settled and was checkpointed
+    assert checkpoints["y"] == ys[-1]
+
+
+async def _checkpoints(tmp: Path) -> dict[str, str | None]:
+    store = SqliteStore(f"sqlite:///{tmp}/state.db")
+    await store.open()
+    try:
+        return {k: v.position for k, v in (await store.list_checkpoints("m")).items()}
+    finally:
+        await store.close()
