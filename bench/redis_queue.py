@@ -106,6 +106,8 @@ def poller_drain(
     entries: int,
     redis_pid: int,
     group: str,
+    maximum_concurrency: int | None = None,
+    py_spy: Path | None = None,
 ) -> tuple[float, dict[str, float]]:
     client.xgroup_create(STREAM, group, id="0")
     port = free_port()
@@ -136,6 +138,11 @@ def poller_drain(
         maximum_batching_window_in_seconds = {window}
         """
         )
+        + (
+            f"scaling_config = {{ MaximumConcurrency = {maximum_concurrency} }}\n"
+            if maximum_concurrency
+            else ""
+        )
     )
     log = (workdir / f"daemon-{group}.log").open("wb")
     proc = subprocess.Popen(
@@ -146,6 +153,7 @@ def poller_drain(
     # The clock starts at the first delivery: daemon start-up (imports, state store) is not
     # part of draining, and the raw loop has none.
     started: float | None = None
+    spy: subprocess.Popen[bytes] | None = None
     cpu_before: list[dict[int, float]] = []
     targets: list[float] = []  # the controller's target, every TARGET_SAMPLE_S of the drain
     next_sample = 0.0
@@ -155,6 +163,8 @@ def poller_drain(
             now = time.perf_counter()
             if started is None and (pending or lag < entries):
                 started = now
+                if py_spy is not None:
+                    spy = start_py_spy(proc.pid, py_spy)
                 cpu_before = [
                     cpu_seconds([proc.pid]),
                     cpu_seconds(children(proc.pid)),
@@ -184,10 +194,53 @@ def poller_drain(
             stats["target_peak"] = max(targets)
             stats["target_mean"] = statistics.fmean(targets)
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         log.close()
     return elapsed, stats
+
+
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """Sample the daemon (py-spy, from the bench extra) until stopped, as collapsed stacks."""
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "1000",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def top_of(stacks: Path, count: int = 20) -> list[tuple[str, float, float]]:
+    """(function, self %, total %) of the most expensive functions in collapsed stacks."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in stacks.read_text().splitlines():
+        frames, _, hits = line.rpartition(" ")
+        n = int(hits)
+        samples += n
+        names = [
+            f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].rstrip(")") for f in frames.split(";")
+        ]
+        own[names[-1]] = own.get(names[-1], 0) + n
+        for name in set(names):
+            total[name] = total.get(name, 0) + n
+    ranked = sorted(own, key=own.__getitem__, reverse=True)[:count]
+    return [(name, 100 * own[name] / samples, 100 * total[name] / samples) for name in ranked]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -212,6 +265,17 @@ def main() -> None:
         type=int,
         default=3,
         help="raw/poller run pairs per batch size (median ratio reported)",
+    )
+    parser.add_argument(
+        "--maximum-concurrency",
+        type=int,
+        default=None,
+        help="ScalingConfig.MaximumConcurrency of the mapping (default: unbounded)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the daemon with py-spy during each drain and print its top functions",
     )
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
@@ -239,6 +303,7 @@ def main() -> None:
                     raw_first = run % 2 == 0
                     if raw_first:
                         raw_s = raw_drain(client, batch, f"raw-{batch}-{run}")
+                    stacks = workdir / f"stacks-{batch}-{run}.txt" if args.py_spy else None
                     poller_s, stats = poller_drain(
                         client,
                         server.url,
@@ -247,7 +312,13 @@ def main() -> None:
                         args.entries,
                         server.proc.pid,
                         f"poller-{batch}-{run}",
+                        args.maximum_concurrency,
+                        stacks,
                     )
+                    if stacks is not None and stacks.exists():
+                        print("          daemon's top functions (self % / total % of samples):")
+                        for name, own, total in top_of(stacks):
+                            print(f"          {own:5.1f} {total:5.1f}  {name}")
                     if not raw_first:
                         raw_s = raw_drain(client, batch, f"raw-{batch}-{run}")
                     raw_rate = args.entries / raw_s
