@@ -216,9 +216,18 @@ def _read_exact(stream: Any, size: int) -> bytes:
 def _flush_logs() -> None:
     # Logs first: the daemon drains the log pipe when it sees a frame, so every line the handler
     # printed is attributed to this request and lands before END/REPORT.
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed or replaced
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        try:
             stream.flush()
+        except ValueError:
+            # The handler closed it. The fd is still the log pipe, so later invokes on this warm
+            # worker get their logs back instead of failing on their first print.
+            if getattr(stream, "closed", False):
+                with contextlib.suppress(OSError):
+                    setattr(sys, name, open(fd, "w", buffering=1, closefd=False))  # noqa: SIM115
+        except (OSError, AttributeError):  # broken or replaced by the handler: its business
+            pass
 
 
 def _init_failed(error_type: str, message: str, trace: list[str], resp_fd: int) -> NoReturn:

@@ -685,3 +685,57 @@ async def test_many_log_lines_all_arrive_before_end() -> None:
     assert kinds.index("platform.runtimeDone") > max(
         i for i, k in enumerate(kinds) if k == "function"
     )
+
+
+# -- handlers that misbehave (what a user's code can get wrong) --------------------------------
+
+
+async def test_runaway_recursion_is_a_function_error_and_the_env_stays_warm() -> None:
+    async with make_runtime(fn("recurse")) as (runtime, _):
+        result = await runtime.invoke("f", event({}))
+        assert result.outcome is Outcome.FUNCTION_ERROR
+        assert result.error is not None and result.error["errorType"] == "RecursionError"
+        warm = await runtime.invoke("f", event("warm?"))
+        assert warm.outcome is Outcome.OK and warm.init_ms is None
+
+
+async def test_a_child_left_running_does_not_outlive_its_environment() -> None:
+    child = 0
+    with reaped(lambda: child):
+        async with make_runtime(fn("fork_and_return")) as (runtime, _):
+            first = await runtime.invoke("f", event({}), capture_logs=True)
+            child = child_pid_from(first.log_lines)
+            assert first.outcome is Outcome.OK
+            # The environment stays warm and usable while the child runs (Lambda's too).
+            second = await runtime.invoke("f", event({}), capture_logs=True)
+            assert second.outcome is Outcome.OK
+            assert json.loads(second.payload)["pid"] == json.loads(first.payload)["pid"]
+            assert alive(child)
+            second_child = child_pid_from(second.log_lines)
+        # Closing the runtime (or reaping the environment) takes the children with it.
+        assert wait_dead(child) and wait_dead(second_child)
+
+
+async def test_a_handler_that_closes_its_stdout_leaves_the_worker_working() -> None:
+    async with make_runtime(fn("close_stdout")) as (runtime, logs):
+        closed = await runtime.invoke("f", event({}))
+        assert closed.outcome is Outcome.OK, closed.payload
+        warm = await runtime.invoke("f", event("warm?"))
+        assert warm.outcome is Outcome.OK
+        assert json.loads(warm.payload)["pid"] == json.loads(closed.payload)["pid"]
+        kinds = [r["type"] for r in logs.for_request(warm.request_id)]
+        assert kinds[-2:] == ["platform.runtimeDone", "platform.report"]
+
+
+async def test_megabytes_of_output_all_arrive_and_the_invoke_completes() -> None:
+    async with make_runtime(fn("shout", timeout_s=30)) as (runtime, logs):
+        result = await runtime.invoke("f", event({"mb": 4, "line_kb": 512}))
+        assert result.outcome is Outcome.OK
+        lines = [
+            r
+            for r in logs.for_request(result.request_id)
+            if r["type"] == "function" and r["message"][:1] in "xy"
+        ]
+        assert len(lines) == 4 * 1024 + 1
+        assert len(lines[-1]["message"]) == 512 * 1024
+        assert logs.for_request(result.request_id)[-1]["type"] == "platform.report"

@@ -511,6 +511,12 @@ def test_batch_respects_count_and_bytes() -> None:
         (b'{"batchItemFailures": "a"}', None),
         (b"not json", None),
         (b'"a string"', None),
+        # Wrong types, and the Kafka form on an SQS-shaped mapping: complete failure.
+        (b'{"batchItemFailures": [{"itemIdentifier": 5}]}', None),
+        (b'{"batchItemFailures": ["a"]}', None),
+        (b'{"batchItemFailures": {"itemIdentifier": "a"}}', None),
+        (b'{"batchItemFailures": [{"itemIdentifier": {"partition": "t-0", "offset": 1}}]}', None),
+        (b"[]", None),
     ],
 )
 def test_parse_batch_item_failures(payload: bytes, expected: set[str] | None) -> None:
