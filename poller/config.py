@@ -56,7 +56,10 @@ class DaemonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def http_host_port(self) -> tuple[str, int]:
         host, _, port = self.http_listen.rpartition(":")
-        return host.strip("[]") or "127.0.0.1", int(port)
+        number = int(port)
+        if not 0 <= number <= 65535:
+            raise ValueError(f"port {number} out of range")
+        return host.strip("[]") or "127.0.0.1", number
 
 
 class StateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -162,6 +165,12 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc, path)) from None
     config.path = path
+    for where, value in _paths(config):
+        if "\x00" in value:
+            raise ConfigError(
+                f"{path}: invalid value for '{where}': {value!r} holds a NUL character, which no "
+                "file path can"
+            )
     base = config.base_dir
     if config.redis.ca_file:
         # Relative to the config file, like code_path: the daemon may run from anywhere.
@@ -202,6 +211,12 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
         )
     _check_mappings(config.mappings, path)
     return config
+
+
+def _paths(config: Config) -> list[tuple[str, str]]:
+    paths = [("redis.ca_file", config.redis.ca_file or "")]
+    paths += [(f"functions[{i}].code_path", fn.code_path) for i, fn in enumerate(config.functions)]
+    return paths
 
 
 def _check_mappings(entries: list[dict[str, Any]], path: str) -> None:

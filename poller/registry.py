@@ -122,9 +122,17 @@ class Registry:
         return mapping
 
     async def upsert_declared(self, entries: list[dict[str, Any]], source: str) -> list[Mapping]:
-        """Apply the config file's [[mappings]]: matched to stored ones by their `name`."""
-        existing = {m.name: m for m in await self.list() if m.name}
+        """Apply the config file's [[mappings]]: matched to stored ones by their `name`.
+
+        All or nothing: every entry is checked, against the others and against what is stored,
+        before anything is written, so a bad entry leaves the store as it was.
+        """
+        stored = await self.list()
+        existing = {m.name: m for m in stored if m.name}
+        now = time.time()
+        planned: list[tuple[str, Mapping, Mapping | None]] = []  # (where, wanted, replaced)
         result: list[Mapping] = []
+        seen: set[str] = set()
         for index, entry in enumerate(entries):
             name = entry.get("name")
             where = f"{source}: mappings[{index}]"
@@ -133,27 +141,52 @@ class Registry:
                     f"{where}: every [[mappings]] entry needs a stable `name`, so restarts "
                     "update it instead of creating a duplicate"
                 )
+            if name in seen:
+                raise MappingError(f"{where}: a second [[mappings]] entry named {name!r}")
+            seen.add(name)
             try:
                 current = existing.get(name)
-                if current is None:
-                    result.append(await self.create(entry))
+                if current is None or entry.get("event_source_arn") not in (
+                    None,
+                    current.event_source_arn,
+                ):
+                    # New, or a changed source (create-only): a new mapping in its place.
+                    wanted = create_mapping(
+                        entry,
+                        uuid=str(uuidlib.uuid4()),
+                        now=now,
+                        validate_filters=self.validate_filters,
+                    )
+                    check_runnable(wanted)
+                    planned.append((f"{where} ({name})", wanted, current))
+                    result.append(wanted)
                     continue
                 changes = {k: v for k, v in entry.items() if k != "event_source_arn"}
-                if entry.get("event_source_arn") not in (None, current.event_source_arn):
-                    # The source is create-only: a changed source is a new mapping.
-                    await self.store.delete_mapping(current.uuid)
-                    result.append(await self.create(entry))
-                    continue
-                wanted = update_mapping(
+                unchanged = update_mapping(
                     current,
                     changes,
                     now=current.last_modified,
                     validate_filters=self.validate_filters,
                 )
-                if wanted.to_dict() != current.to_dict():
-                    result.append(await self.update(current.uuid, changes))
-                else:
+                if unchanged.to_dict() == current.to_dict():
                     result.append(current)
+                    continue
+                wanted = update_mapping(
+                    current, changes, now=now, validate_filters=self.validate_filters
+                )
+                planned.append((f"{where} ({name})", wanted, current))
+                result.append(wanted)
             except MappingError as exc:
                 raise MappingError(f"{where} ({name}): {exc}", code=exc.code) from None
+        replaced = {old.uuid for _, _, old in planned if old is not None}
+        final = [m for m in stored if m.uuid not in replaced] + [w for _, w, _ in planned]
+        for where, wanted, _ in planned:
+            for other in final:
+                error = None if other is wanted else duplicate_error(other, wanted)
+                if error is not None:
+                    raise MappingError(f"{where}: {error}", code=error.code) from None
+        for _, wanted, old in planned:
+            if old is not None and old.uuid != wanted.uuid:
+                await self.store.delete_mapping(old.uuid)
+            await self.store.put_mapping(wanted.to_dict())
         return result

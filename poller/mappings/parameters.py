@@ -314,10 +314,6 @@ _TYPE_CHECKS: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
 }
 
 
-PARAMETERS_BY_NAME: Final = MappingProxyType({p.snake_name: p for p in PARAMETERS})
-PARAMETERS_BY_AWS_NAME: Final = MappingProxyType({p.aws_name: p for p in PARAMETERS})
-
-
 def normalize(p: Parameter, value: Any, ctx: Context) -> Any:
     """Type, range, enum, then the parameter's own check; returns the value to store."""
     if p.type_name == "timestamp":
