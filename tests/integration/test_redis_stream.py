@@ -219,6 +219,35 @@ async def test_records_too_old_are_given_up_without_an_invoke(
     assert (info["startSequenceNumber"], info["endSequenceNumber"]) == (stale[0], stale[-1])
 
 
+async def test_a_record_over_the_payload_cap_is_given_up_and_its_neighbours_delivered(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    h = Harness(
+        redis_server,
+        tmp_path,
+        keys=("big",),
+        destination=True,
+        settings={"max_payload_bytes": 4096, "batch_size": 10},
+    )
+    await _fresh(redis_server, "big")
+    before = await h.add("big", "a", "b")
+    [huge] = await h.add("big", "x" * 8192)
+    after = await h.add("big", "c", "d")
+    async with h.running() as runner:
+        await until(lambda: h.given_up() and len(h.handled()) == 4, 10, "huge given up")
+        await until(
+            lambda: runner.processors["big"].checkpoint.position == after[-1],
+            10,
+            "the checkpoint past the huge record",
+        )
+    assert [r["seq"] for r in h.handled()] == before + after
+    [failure] = h.given_up()
+    assert failure["requestContext"]["condition"] == "MaximumPayloadSizeExceeded"
+    assert "responseContext" not in failure  # never invoked
+    info = failure["KinesisBatchInfo"]
+    assert (info["startSequenceNumber"], info["endSequenceNumber"]) == (huge, huge)
+
+
 async def test_records_that_age_out_while_retrying_are_given_up(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
