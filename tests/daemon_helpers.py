@@ -23,7 +23,7 @@ class DaemonProcess:
         self.log_path = config.parent / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, wait_ready: bool = True) -> None:
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [*POLLER, "run", "--config", str(self.config)],
@@ -31,7 +31,8 @@ class DaemonProcess:
             stderr=subprocess.STDOUT,
             cwd=self.config.parent,
         )
-        self.wait_ready()
+        if wait_ready:
+            self.wait_ready()
 
     def http(self, path: str) -> tuple[int, str]:
         try:

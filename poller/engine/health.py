@@ -57,7 +57,9 @@ class SourceHealth:
                 operation=operation,
                 retryable=exc.retryable,
             )
-            self.set_status(f"PROBLEM: {exc}")
+        # The status follows the latest cause (a dropped connection, then refused credentials
+        # on reconnect), while the log keeps to one line per outage.
+        self.set_status(f"PROBLEM: {exc}")
 
     def ok(self) -> None:
         """The source answered. Cheap when nothing changed: called after every call."""

@@ -39,9 +39,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DEFAULT_PORT: Final = 6379
-# One blocking read waits at most this long; the socket timeout must outlast it.
-MAX_BLOCK_S: Final = 20.0
-SOCKET_TIMEOUT_S: Final = MAX_BLOCK_S + 10.0
+# One blocking read waits at most this long. Short enough that a server which accepts the
+# connection and never answers is noticed within MAX_BLOCK_S + COMMAND_TIMEOUT_S even by an
+# idle mapping; an idle read every few seconds costs the server nothing.
+MAX_BLOCK_S: Final = 5.0
+# Any reply (beyond the time a blocking read may legitimately wait) must come within this.
+COMMAND_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 5.0
 
 pack = hiredis.pack_command  # a command's arguments to RESP, in C
@@ -199,7 +202,7 @@ class RedisLink:
                 ssl_ca_certs=self._login.ca_file,
                 decode_responses=False,  # values are bytes until a source decides how to show them
                 protocol=2,  # reply shapes the sources parse themselves; every server speaks it
-                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_timeout=COMMAND_TIMEOUT_S,  # no command sent through redis-py blocks
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 socket_keepalive=True,
                 # One immediate retry on a dropped connection: a pooled socket that died with a
@@ -265,8 +268,9 @@ class RedisLink:
         except (RedisError, OSError) as exc:
             raise self.error(operation, exc, key) from exc
 
-    async def raw(self, packed: bytes, replies: int) -> list[Any]:
-        """Send commands packed in RESP (``pack``) and read their ``replies`` raw replies.
+    async def raw(self, packed: bytes, replies: int, block_ms: int = 0) -> list[Any]:
+        """Send commands packed in RESP (``pack``) and read their ``replies`` raw replies
+        (``block_ms``: how long a blocking command among them may wait on the server).
 
         The hot commands bypass redis-py's command path and its pool, whose per-call lock,
         liveness probe (a read syscall) and bookkeeping cost more than the round trip on a busy
@@ -290,7 +294,7 @@ class RedisLink:
                 # wait_for, which costs a task per command.
                 connection.socket_timeout = None
             try:
-                async with asyncio.timeout(SOCKET_TIMEOUT_S):
+                async with asyncio.timeout(block_ms / 1000 + COMMAND_TIMEOUT_S):
                     await connection.send_packed_command(packed, check_health=False)
                     out = [await connection.read_response() for _ in range(replies)]
             except RedisConnectionError:

@@ -232,7 +232,7 @@ class Receiver:
             packed = pack((*self._read_head, count, *self._read_tail))
 
         async def go(_: aioredis.Redis) -> Any:
-            return (await self._queue._link.raw(packed, 1))[0]
+            return (await self._queue._link.raw(packed, 1, block_ms))[0]
 
         reply = await self._queue._call("receive", go)
         if not reply:

@@ -214,7 +214,7 @@ class RedisShardReader:
         packed = pack((*head, b"STREAMS", self._key_b, self._after))
 
         async def go(_: aioredis.Redis) -> Any:
-            return (await self._stream.link.raw(packed, 1))[0]
+            return (await self._stream.link.raw(packed, 1, block_ms))[0]
 
         reply = await self._stream.call("read", self._key, go)
         if not reply:
