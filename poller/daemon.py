@@ -31,6 +31,7 @@ from poller.registry import Registry
 from poller.runtime.pool import Runtime
 from poller.sdnotify import Notifier
 from poller.state.base import StateError, StateStore, open_store
+from poller.status import status_document
 
 # Fields that describe what a runner does; a change to any other field (status, timestamps)
 # does not restart the runner.
@@ -245,6 +246,7 @@ class Daemon:
         self.runtime: Runtime | None = None
         self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
+        self.started = time.time()
 
     async def run(self) -> int:
         config = self.config
@@ -339,6 +341,7 @@ class Daemon:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = self.config.daemon.http_host_port
@@ -378,6 +381,19 @@ class Daemon:
     async def _readyz(self, request: web.Request) -> web.Response:
         ok, body = await self._readiness()
         return web.json_response(body, status=200 if ok else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        ok, _ = await self._readiness()
+        document = status_document(
+            supervisor=self.supervisor,
+            runtime=self.runtime,
+            http_listen=self.config.daemon.http_listen,
+            state_url=self.config.state_url,
+            started=self.started,
+            ready=ok,
+            draining=self.stopping.is_set(),
+        )
+        return web.json_response(document)
 
     async def _close(self) -> None:
         if self._http is not None:
