@@ -62,7 +62,7 @@ def _value(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+def table_lines(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
 
     def line(cells: list[str] | tuple[str, ...]) -> str:
@@ -139,7 +139,7 @@ def render(document: dict[str, Any], url: str) -> list[str]:
             "CONCURRENCY",
             "LAST RESULT",
         )
-        lines += _table(columns, rows)
+        lines += table_lines(columns, rows)
     else:
         lines.append("no mappings (create one with `poller mappings create`)")
     lines.append("")
@@ -161,7 +161,7 @@ def render(document: dict[str, Any], url: str) -> list[str]:
                 ]
             )
     if rows:
-        lines += _table(
+        lines += table_lines(
             ("FUNCTION", "ENVIRONMENT", "PID", "STATE", "INVOKES", "IDLE", "INIT"), rows
         )
     return lines
