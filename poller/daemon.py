@@ -224,6 +224,10 @@ class Supervisor:
         running = list(self.running.values())
         self.running.clear()
         await asyncio.gather(*(self._stop(r, grace_s) for r in running))
+        # The last status lines reach the store before it closes.
+        writers = list(self._status_writers.values())
+        if writers:
+            await asyncio.wait(writers, timeout=5)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         waiting = [uuid for uuid, r in self.running.items() if not r.runner.started]

@@ -41,7 +41,7 @@ def poller_version() -> str:
         return "unknown"
 
 
-def mapping_entry(mapping: Mapping, supervisor: Supervisor) -> dict[str, Any]:
+def mapping_entry(mapping: Mapping, supervisor: Supervisor, draining: bool) -> dict[str, Any]:
     uuid = mapping.uuid
     entry: dict[str, Any] = {
         "uuid": uuid,
@@ -59,6 +59,9 @@ def mapping_entry(mapping: Mapping, supervisor: Supervisor) -> dict[str, Any]:
         entry["lastProcessingResult"] = supervisor.problems[uuid]
     elif not mapping.enabled:
         entry["state"] = "disabled"
+        entry["lastProcessingResult"] = mapping.last_processing_result
+    elif draining:
+        entry["state"] = "stopped"
         entry["lastProcessingResult"] = mapping.last_processing_result
     else:
         # Enabled in the registry since the last reconcile: it starts within seconds.
@@ -115,7 +118,7 @@ def status_document(
         for uuid, running in supervisor.running.items():
             known.setdefault(uuid, running.mapping)
         mappings = [
-            mapping_entry(m, supervisor)
+            mapping_entry(m, supervisor, draining)
             for m in sorted(known.values(), key=lambda m: (m.name or "", m.uuid))
         ]
     monotonic = time.monotonic()

@@ -47,3 +47,46 @@ def test_a_stream_mapping_shows_how_far_behind_and_its_iterator_age() -> None:
     assert row.split()[:2] == ["-", "u-1"]
     assert "4.0s behind" in row and "2m05s" in row and " 1/2 " in row
     assert row.endswith("PROBLEM: Function call failed (ValueError: bad)")
+
+
+def test_the_status_document_names_the_state_of_mappings_without_a_runner() -> None:
+    from types import SimpleNamespace
+
+    from poller.mappings import create_mapping
+    from poller.status import status_document
+
+    def mapping(name: str, enabled: bool = True) -> object:
+        params = {"function_name": "fn", "event_source_arn": f"local://{name}", "enabled": enabled}
+        return create_mapping(params, uuid=ids[name], now=1.0)
+
+    ids = {name: f"00000000-0000-4000-8000-00000000000{i}" for i, name in enumerate("abc")}
+
+    supervisor = SimpleNamespace(
+        mappings={
+            ids["a"]: mapping("a", enabled=False),
+            ids["b"]: mapping("b"),
+            ids["c"]: mapping("c"),
+        },
+        running={},
+        problems={ids["b"]: "PROBLEM: function 'fn' is not defined"},
+    )
+
+    def states(draining: bool) -> dict[str, tuple[str, bool]]:
+        document = status_document(
+            supervisor=supervisor,  # type: ignore[arg-type]
+            runtime=None,
+            http_listen="127.0.0.1:1",
+            state_url="redis://:secret@h:6379/0",
+            started=0.0,
+            ready=False,
+            draining=draining,
+        )
+        assert "secret" not in str(document["daemon"])
+        return {m["uuid"]: (m["state"], m["problem"]) for m in document["mappings"]}
+
+    assert states(False) == {
+        ids["a"]: ("disabled", False),
+        ids["b"]: ("not running", True),
+        ids["c"]: ("pending", False),
+    }
+    assert states(True)[ids["c"]] == ("stopped", False)
