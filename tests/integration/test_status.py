@@ -117,6 +117,7 @@ def test_status_shows_every_mapping_and_each_function_environments(
 
     document = _status(daemon)
     assert document["daemon"]["ready"] is True and document["daemon"]["state"] == "running"
+    assert "\npoller_daemon_ready 1.0\n" in daemon.http("/metrics")[1]
     assert daemon.proc is not None and document["daemon"]["pid"] == daemon.proc.pid
     entry = _mapping(document, orders["UUID"])
     assert entry["name"] == "orders" and entry["state"] == "running"
@@ -181,6 +182,8 @@ def test_each_kind_of_problem_shows_why_in_status_readyz_get_and_a_metric(
     assert "Runtime.ImportModuleError" in problems[cannot_start]
     assert "Connection refused" in problems[unreachable]
 
+    # The unreachable source keeps its runner starting: not ready, and the metric says so.
+    assert "\npoller_daemon_ready 0.0\n" in daemon.http("/metrics")[1]
     gauges = _problem_gauges(daemon)
     assert gauges[unknown] == gauges[cannot_start] == gauges[unreachable] == 1
     assert gauges.get(healthy, 0) == 0
