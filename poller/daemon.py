@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from poller import metrics
 from poller.config import Config
 from poller.engine.filter_compiler import compile_filter_criteria
+from poller.engine.health import is_problem, problem_text
 from poller.engine.runners import Runner, RunnerError, Services, build_runner
 from poller.logs import JsonLog
 from poller.mappings import Mapping, MappingError
@@ -30,6 +31,7 @@ from poller.registry import Registry
 from poller.runtime.pool import Runtime
 from poller.sdnotify import Notifier
 from poller.state.base import StateError, StateStore, open_store
+from poller.status import status_document
 
 # Fields that describe what a runner does; a change to any other field (status, timestamps)
 # does not restart the runner.
@@ -65,10 +67,17 @@ class Supervisor:
         self.runtime = runtime
         self.log = log
         self.services = Services(config, store, runtime, log)
+        # Every mapping of the registry as of the last reconcile, enabled or not.
+        self.mappings: dict[str, Mapping] = {}
         self.running: dict[str, RunningMapping] = {}
+        # Mappings that could not start: their status line, and the function of the
+        # poller_mapping_problem series it set.
         self.problems: dict[str, str] = {}
+        self._problem_functions: dict[str, str] = {}
         self.reconciled = asyncio.Event()
         self._revision: int | None = None
+        self._status_wanted: dict[str, str] = {}
+        self._status_writers: dict[str, asyncio.Task[None]] = {}
 
     async def watch(self, stopping: asyncio.Event) -> None:
         interval = self.config.daemon.reconcile_interval_s
@@ -96,6 +105,7 @@ class Supervisor:
 
     async def reconcile(self) -> None:
         mappings = {m.uuid: m for m in await self.registry.list()}
+        self.mappings = mappings
         wanted = {uuid: m for uuid, m in mappings.items() if m.enabled}
         stops = []
         for uuid, running in list(self.running.items()):
@@ -117,7 +127,7 @@ class Supervisor:
             await asyncio.gather(*stops)
         for uuid in list(self.problems):
             if uuid not in wanted:
-                del self.problems[uuid]
+                self._forget_problem(uuid)
         for uuid, mapping in wanted.items():
             if uuid not in self.running:
                 self._start(mapping)
@@ -133,7 +143,7 @@ class Supervisor:
             return
         task = asyncio.get_running_loop().create_task(runner.run())
         self.running[uuid] = RunningMapping(mapping, _spec(mapping), runner, task)
-        self.problems.pop(uuid, None)
+        self._forget_problem(uuid, started=mapping.function_name)
         self.log.info(
             "mapping runner starting",
             mapping=uuid,
@@ -143,18 +153,64 @@ class Supervisor:
         )
 
     def _problem(self, mapping: Mapping, status: str) -> None:
-        if self.problems.get(mapping.uuid) != status:
-            self.log.error(status, mapping=mapping.uuid, function=mapping.function_name)
-            self.problems[mapping.uuid] = status
-            self._record_status(mapping.uuid, status)
+        uuid, function = mapping.uuid, mapping.function_name
+        if self.problems.get(uuid) != status:
+            self.log.error(status, mapping=uuid, function=function)
+            self.problems[uuid] = status
+            self._record_status(uuid, status)
+        previous = self._problem_functions.get(uuid)
+        if previous is not None and previous != function:
+            with contextlib.suppress(KeyError):
+                metrics.mapping_problem.remove(uuid, previous)
+        self._problem_functions[uuid] = function
+        metrics.mapping_problem.labels(uuid, function).set(1)
+
+    def _forget_problem(self, uuid: str, started: str | None = None) -> None:
+        """The mapping no longer has a start problem: it started (running ``started``'s
+        function) or it is no longer wanted."""
+        self.problems.pop(uuid, None)
+        function = self._problem_functions.pop(uuid, None)
+        if function is None:
+            return
+        if function == started:
+            # The runner's own metrics hold this series now: clear it, do not drop it.
+            metrics.mapping_problem.labels(uuid, function).set(0)
+            return
+        with contextlib.suppress(KeyError):
+            metrics.mapping_problem.remove(uuid, function)
+
+    def current_problems(self) -> dict[str, str]:
+        """Every mapping whose status is a PROBLEM, with what explains it: those that could
+        not start, and running ones whose source, function or destination fails."""
+        found = dict(self.problems)
+        for uuid, running in self.running.items():
+            status = running.runner.status()
+            result = status.get("lastProcessingResult")
+            if is_problem(result):
+                found[uuid] = problem_text(result, status.get("lastError"))
+        return found
 
     def _record_status(self, uuid: str, status: str) -> None:
-        async def write() -> None:
-            with contextlib.suppress(StateError):
-                await self.store.set_status(uuid, {"LastProcessingResult": status})
+        """Store the mapping's status line, and the error that explains it, for `poller
+        mappings get`. One write in flight per mapping, always of the latest status: writes
+        cannot land out of order, and a burst of changes costs one more write, not one each."""
+        self._status_wanted[uuid] = status
+        if uuid not in self._status_writers:
+            task = asyncio.get_running_loop().create_task(self._write_status(uuid))
+            self._status_writers[uuid] = task
 
-        task = asyncio.get_running_loop().create_task(write())
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+    async def _write_status(self, uuid: str) -> None:
+        try:
+            while uuid in self._status_wanted:
+                status = self._status_wanted.pop(uuid)
+                running = self.running.get(uuid)
+                why = running.runner.status().get("lastError") if running is not None else None
+                with contextlib.suppress(StateError):
+                    await self.store.set_status(
+                        uuid, {"LastProcessingResult": status, "LastError": why}
+                    )
+        finally:
+            self._status_writers.pop(uuid, None)
 
     async def _stop(self, running: RunningMapping, grace_s: float, for_good: bool = False) -> None:
         await running.runner.stop(grace_s)
@@ -168,6 +224,10 @@ class Supervisor:
         running = list(self.running.values())
         self.running.clear()
         await asyncio.gather(*(self._stop(r, grace_s) for r in running))
+        # The last status lines reach the store before it closes.
+        writers = list(self._status_writers.values())
+        if writers:
+            await asyncio.wait(writers, timeout=5)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         waiting = [uuid for uuid, r in self.running.items() if not r.runner.started]
@@ -176,7 +236,7 @@ class Supervisor:
             "reconciled": self.reconciled.is_set(),
             "runners": len(self.running),
             "starting": waiting,
-            "problems": self.problems,
+            "problems": self.current_problems(),
         }
 
 
@@ -190,6 +250,7 @@ class Daemon:
         self.runtime: Runtime | None = None
         self.supervisor: Supervisor | None = None
         self._http: web.AppRunner | None = None
+        self.started = time.time()
 
     async def run(self) -> int:
         config = self.config
@@ -284,6 +345,7 @@ class Daemon:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, port = self.config.daemon.http_host_port
@@ -302,21 +364,40 @@ class Daemon:
             for name, pool in self.runtime.pools.items():
                 metrics.environments.labels(name).set(len(pool.envs))
             metrics.memory_used.set(self.runtime.memory_used_mb)
+        await self._readiness()
         body = generate_latest(metrics.REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        """What /readyz answers; keeps poller_daemon_ready in step with it."""
         store_ok = False
         if self.store is not None:
             with contextlib.suppress(Exception):
                 store_ok = await asyncio.wait_for(self.store.ping(), 2)
         runners_ok, detail = self.supervisor.ready() if self.supervisor else (False, {})
         ok = store_ok and runners_ok and not self.stopping.is_set()
-        body = {"status": "ready" if ok else "not ready", "store": store_ok, **detail}
+        metrics.daemon_ready.set(1 if ok else 0)
+        return ok, {"status": "ready" if ok else "not ready", "store": store_ok, **detail}
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ok, body = await self._readiness()
         return web.json_response(body, status=200 if ok else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        ok, _ = await self._readiness()
+        document = status_document(
+            supervisor=self.supervisor,
+            runtime=self.runtime,
+            http_listen=self.config.daemon.http_listen,
+            state_url=self.config.state_url,
+            started=self.started,
+            ready=ok,
+            draining=self.stopping.is_set(),
+        )
+        return web.json_response(document)
 
     async def _close(self) -> None:
         if self._http is not None:

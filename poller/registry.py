@@ -54,14 +54,14 @@ class Registry:
             )
         return await self._with_status(Mapping.from_dict(data))
 
-    async def get_with_shards(self, uuid: str) -> tuple[Mapping, list[dict[str, Any]]]:
-        """The mapping, and for an ordered one each shard's durable checkpoint with the
-        iterator age and state its runner last reported (AWS's names, for people)."""
+    async def get_detail(self, uuid: str) -> tuple[Mapping, list[dict[str, Any]], str | None]:
+        """The mapping; for an ordered one each shard's durable checkpoint with the iterator
+        age and state its runner last reported (AWS's names, for people); and the error that
+        explains its LastProcessingResult when that is a PROBLEM."""
         mapping = await self.get(uuid)
         checkpoints = await self.store.list_checkpoints(uuid)
-        reported = {
-            s.get("shardId"): s for s in (await self.store.get_status(uuid)).get("Shards") or []
-        }
+        status = await self.store.get_status(uuid)
+        reported = {s.get("shardId"): s for s in status.get("Shards") or []}
         shards = []
         for shard in sorted(set(checkpoints) | {k for k in reported if isinstance(k, str)}):
             report = reported.get(shard, {})
@@ -74,7 +74,10 @@ class Registry:
                     "IteratorAgeSeconds": report.get("iteratorAgeSeconds"),
                 }
             )
-        return mapping, shards
+        last_error = status.get("LastError")
+        if not mapping.last_processing_result.startswith("PROBLEM"):
+            last_error = None  # what explained a problem that is over
+        return mapping, shards, last_error if isinstance(last_error, str) else None
 
     async def _with_status(self, mapping: Mapping) -> Mapping:
         status = await self.store.get_status(mapping.uuid)

@@ -273,16 +273,20 @@ UuidArgument = Annotated[str, typer.Argument(help="The mapping's UUID.")]
 def mappings_get(
     uuid: UuidArgument, output: OutputOption = "json", config: ConfigOption = None
 ) -> None:
-    """Show one mapping; an ordered one with each shard's checkpoint, iterator age and state."""
+    """Show one mapping; an ordered one with each shard's checkpoint, iterator age and state;
+    one with a PROBLEM with the error behind it (LastError)."""
     cfg = load(config)
-    mapping, shards = _registry_call(
-        cfg, "GetEventSourceMapping", lambda r: r.get_with_shards(uuid)
+    mapping, shards, last_error = _registry_call(
+        cfg, "GetEventSourceMapping", lambda r: r.get_detail(uuid)
     )
-    if output == "json" and shards:
+    if output == "json" and (shards or last_error):
         shape = mapping.to_aws(region=cfg.aws.region, account=cfg.aws.account)
-        print_json({**shape, "Shards": shards})
+        extra: dict[str, Any] = {"LastError": last_error} if last_error else {}
+        print_json({**shape, **extra, **({"Shards": shards} if shards else {})})
         return
     _show(cfg, [mapping], output, single=True)
+    if last_error:
+        typer.echo(f"LastError: {last_error}")
     if shards:
         typer.echo("")
         _table(

@@ -107,6 +107,7 @@ async def send_failure(
     """Send until it is delivered: a destination that is down holds the shard (``pause``
     raises when the shard is let go meanwhile). The outage is logged once, with its end."""
     failures = 0
+    held = ""
     while True:
         try:
             await destination.send(record)
@@ -114,9 +115,8 @@ async def send_failure(
         except SourceError as exc:
             runner.metrics.destination_failures.inc()
             if not failures:
-                runner.health.set_status(
-                    f"PROBLEM: on-failure destination {destination.shown} unavailable: {exc}"
-                )
+                held = f"PROBLEM: on-failure destination {destination.shown} unavailable: {exc}"
+                runner.health.hold(held, str(exc))
                 runner.log.error(
                     "on-failure destination unavailable; the shard waits",
                     **fields,
@@ -126,6 +126,7 @@ async def send_failure(
             failures += 1
             await pause(runner.health.next_backoff())
     if failures:
+        runner.health.release(held)
         runner.log.info(
             "on-failure destination reachable again",
             **fields,

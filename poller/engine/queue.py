@@ -36,7 +36,7 @@ from poller.engine.concurrency import (
 from poller.engine.deletes import Deletes
 from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.filtering import RecordFilter
-from poller.engine.health import SourceHealth
+from poller.engine.health import FUNCTION_FAILED, SourceHealth, invoke_failure
 from poller.engine.runners import RunnerError, Services, source_context
 from poller.engine.scaling import ScalingController
 from poller.engine.visibility import Heartbeat
@@ -126,7 +126,7 @@ class QueueRunner:
         return {
             "state": "running" if self.started else "starting",
             "lastProcessingResult": self.health.status or None,
-            "lastError": self.health.last_error if self.health.in_outage else None,
+            "lastError": self.health.why,
             "backlog": depth.backlog if depth is not None else None,
             "visible": depth.visible if depth is not None else None,
             "inFlight": depth.in_flight if depth is not None else None,
@@ -512,7 +512,7 @@ class QueueRunner:
         else:
             counts.errors += 1
             metrics.errors.inc()
-        self.health.set_status("PROBLEM: Function call failed")
+        self.health.set_status(FUNCTION_FAILED, invoke_failure(result))
         error = result.error or {}
         self.log.warning(
             "invoke failed; the batch returns to the queue after its visibility timeout",

@@ -26,6 +26,7 @@ from poller.engine.attempts import Work
 from poller.engine.batching import MISSING, Batch, parse_stream_response
 from poller.engine.checkpoints import SHARD_END, ShardProgress
 from poller.engine.destinations import send_failure
+from poller.engine.health import FUNCTION_FAILED, invoke_failure
 from poller.engine.shard_reading import ShardReading
 from poller.engine.windows import Window, too_big, window_of
 from poller.events import invocation_record
@@ -194,17 +195,23 @@ class ShardProcessor(ShardReading):
 
     async def _state(self, operation: str, call: Any) -> Any:
         runner = self.runner
+        held: str | None = None
         while True:
             try:
-                return await call()
+                result = await call()
             except StaleClaimError:
                 raise
             except StateError as exc:
-                runner.health.set_status(f"PROBLEM: state store unavailable: {exc}")
+                held = f"PROBLEM: state store unavailable: {exc}"
+                runner.health.hold(held, str(exc))
                 runner.log.error(
                     f"state store unavailable: {exc}", **self._fields, operation=operation
                 )
                 await self._pause(runner.health.next_backoff())
+                continue
+            if held is not None:
+                runner.health.release(held)
+            return result
 
     # -- batches -------------------------------------------------------------------------------
     async def _lane(self, lane: _Lane) -> None:
@@ -469,7 +476,7 @@ class ShardProcessor(ShardReading):
 
     def _failed(self, result: InvokeResult, records: int) -> None:
         runner = self.runner
-        runner.health.set_status("PROBLEM: Function call failed")
+        runner.health.set_status(FUNCTION_FAILED, invoke_failure(result))
         error = result.error or {}
         runner.log.warning(
             "invoke failed",

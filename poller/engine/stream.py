@@ -127,7 +127,7 @@ class StreamRunner:
         return {
             "state": "running" if self.started else "starting",
             "lastProcessingResult": self.health.status or None,
-            "lastError": self.health.last_error if self.health.in_outage else None,
+            "lastError": self.health.why,
             "iteratorAgeSeconds": round(max(ages), 3) if ages else None,
             "concurrency": self.metrics.running_batches,
             "concurrencyTarget": self._target(),

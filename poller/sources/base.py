@@ -380,6 +380,9 @@ class SourceKind:
     # creating a mapping on it is refused).
     open: Callable[[Any, SourceContext], Any] | None = None
     open_sender: Callable[[Any, SourceContext], Any] | None = None
+    # What `poller dlq` reads and redrives when a URI of this kind names a dead-letter target
+    # (a ``dead_letters.DeadLetters``; None: the kind holds no dead letters).
+    open_dead_letters: Callable[[Any, SourceContext], Any] | None = None
     # StartingPosition values the service supports (ordered families only).
     starting_positions: tuple[str, ...] = STARTING_POSITIONS
     # On-failure destinations must be standard (not FIFO) queues (DynamoDB Streams).

@@ -343,9 +343,12 @@ async def test_a_destination_that_is_down_holds_the_shard(
         await asyncio.sleep(1)
         assert h.handled() == []  # nothing after the poison record runs meanwhile
         assert runner.health.status.startswith("PROBLEM: on-failure destination")
+        assert "failures.jsonl" in runner.status()["lastError"]  # why, for `poller status`
         assert runner.metrics.destination_failures._value.get() >= 1  # type: ignore[attr-defined]
         blocker.unlink()  # the destination comes back
         await until(lambda: h.handled(), 30, "the shard flowing again")
+        assert runner.status()["lastProcessingResult"] == "OK"
+        assert runner.status()["lastError"] is None
     assert len(h.given_up()) == 1
     assert [r["seq"] for r in h.handled()] == later
 

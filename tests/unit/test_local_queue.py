@@ -261,6 +261,7 @@ async def test_dead_letter_moves_atomically(store: SqliteStore, clock: Clock) ->
         "trace": "t-1",
         "DeadLetterReason": "MaxReceiveCountExceeded",
         "DeadLetterSourceQueue": "orders",
+        "DeadLetterReceiveCount": "2",
     }
     # The original SentTimestamp survives the move.
     moved = (await dlq.receive(1, 0))[0]

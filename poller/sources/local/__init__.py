@@ -24,7 +24,9 @@ from poller.sources.base import (
 )
 
 if TYPE_CHECKING:
+    from poller.sources.local.dead_letters import LocalDeadLetters
     from poller.sources.local.queue import LocalQueue
+    from poller.state.sqlite import SqliteStore
 
 DEFAULT_VISIBILITY_TIMEOUT_S: Final = 30  # SQS's default
 # A dev queue dead-letters by default so a poison message cannot loop forever; 5 is the
@@ -95,8 +97,7 @@ def parse(uri: str, defaults: AwsDefaults) -> LocalSpec:
     return LocalSpec(uri=uri, display_uri=f"local://{name}", queue_name=name, options=options)
 
 
-def open_queue(spec: LocalSpec, context: SourceContext) -> LocalQueue:
-    from poller.sources.local.queue import LocalQueue
+def _sqlite_store(spec: LocalSpec, context: SourceContext) -> SqliteStore:
     from poller.state.sqlite import SqliteStore
 
     if not isinstance(context.store, SqliteStore):
@@ -105,14 +106,27 @@ def open_queue(spec: LocalSpec, context: SourceContext) -> LocalQueue:
             "[state] url is not sqlite://",
             retryable=False,
         )
+    return context.store
+
+
+def open_queue(spec: LocalSpec, context: SourceContext) -> LocalQueue:
+    from poller.sources.local.queue import LocalQueue
+
+    store = _sqlite_store(spec, context)
     options = spec.options
     return LocalQueue(
-        context.store,
+        store,
         spec.queue_name,
         visibility_timeout_s=options["visibility_timeout"],
         max_receive_count=options["max_receive_count"] or None,
         dead_letter=options["dead_letter"],
     )
+
+
+def open_dead_letters(spec: LocalSpec, context: SourceContext) -> LocalDeadLetters:
+    from poller.sources.local.dead_letters import LocalDeadLetters
+
+    return LocalDeadLetters(_sqlite_store(spec, context), spec.queue_name)
 
 
 SOURCE: Final = SourceKind(
@@ -122,5 +136,6 @@ SOURCE: Final = SourceKind(
     parse=parse,
     open=open_queue,
     open_sender=open_queue,
+    open_dead_letters=open_dead_letters,
     label="local",
 )

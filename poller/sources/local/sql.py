@@ -9,6 +9,7 @@ from typing import Any, Final
 import msgspec
 
 from poller.sources.base import Message
+from poller.sources.dead_letters import DEAD_LETTER_FIELDS
 from poller.state.sqlite import immediate
 
 _encode = msgspec.json.Encoder().encode
@@ -139,17 +140,21 @@ def dead_letter(
     with immediate(conn):
         for seq, token in [(seq, token) for token, seqs in keys.items() for seq in seqs]:
             row = conn.execute(
-                "SELECT id, body, attributes, group_id, sent_ms FROM local_messages"
+                "SELECT id, body, attributes, group_id, sent_ms, receive_count FROM local_messages"
                 " WHERE seq = ? AND receipt = ? AND queue = ?",
                 (seq, token, queue),
             ).fetchone()
             if row is None:
                 continue  # deleted already, or redelivered: its new holder decides
-            message_id, body, attributes_text, group, sent_ms = row
+            message_id, body, attributes_text, group, sent_ms, receive_count = row
             attributes = _decode_attributes(attributes_text) if attributes_text else {}
             attributes["DeadLetterReason"] = reason
             attributes["DeadLetterSourceQueue"] = queue
+            attributes["DeadLetterReceiveCount"] = str(receive_count)
             if not target_fifo:
+                if group is not None:
+                    # Kept for a redrive back to the FIFO source.
+                    attributes["DeadLetterMessageGroupId"] = group
                 group = None
             elif group is None:
                 group = message_id  # a FIFO target needs a group; each message its own
@@ -184,3 +189,49 @@ def peek(conn: sqlite3.Connection, queue: str, limit: int) -> list[tuple[Any, ..
         f"SELECT {COLUMNS} FROM local_messages WHERE queue = ? ORDER BY seq LIMIT ?",
         (queue, limit),
     ).fetchall()
+
+
+def redrive(
+    conn: sqlite3.Connection,
+    queue: str,
+    target: str,
+    target_fifo: bool,
+    up_to_seq: int,
+    limit: int,
+    now: int,
+) -> int:
+    """Move up to ``limit`` visible messages (seq <= ``up_to_seq``) of a dead-letter queue to
+    ``target``, oldest first, in one transaction: each is in one queue or the other, whatever
+    moment a crash picks. The attributes dead-lettering added are dropped, the receive count
+    starts again, and a FIFO target gets the message's original group back."""
+    with immediate(conn):
+        rows = conn.execute(
+            "SELECT seq, id, body, attributes, group_id, sent_ms FROM local_messages"
+            " WHERE queue = ? AND visible_at <= ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (queue, now, up_to_seq, limit),
+        ).fetchall()
+        for seq, message_id, body, attributes_text, group, sent_ms in rows:
+            attributes = _decode_attributes(attributes_text) if attributes_text else {}
+            original_group = attributes.get("DeadLetterMessageGroupId", group)
+            kept = {k: v for k, v in attributes.items() if k not in DEAD_LETTER_FIELDS}
+            group = (original_group or message_id) if target_fifo else None
+            conn.execute(
+                "INSERT INTO local_messages (queue, id, body, attributes, group_id, sent_ms,"
+                " visible_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    target,
+                    message_id,
+                    body,
+                    _encode(kept).decode() if kept else None,
+                    group,
+                    sent_ms,
+                    now,
+                ),
+            )
+            conn.execute("DELETE FROM local_messages WHERE seq = ?", (seq,))
+    return len(rows)
+
+
+def last_seq(conn: sqlite3.Connection, queue: str) -> int:
+    row = conn.execute("SELECT MAX(seq) FROM local_messages WHERE queue = ?", (queue,)).fetchone()
+    return int(row[0] or 0)

@@ -24,6 +24,7 @@ from poller.sources.base import (
 from poller.sources.redis_connection import RedisAddress, credentials, parse_redis_uri
 
 if TYPE_CHECKING:
+    from poller.sources.redis_queue.dead_letters import RedisDeadLetters
     from poller.sources.redis_queue.queue import RedisQueue
 
 OPTIONS: Final = options_table(
@@ -127,6 +128,16 @@ def open_queue(spec: RedisQueueSpec, context: SourceContext) -> RedisQueue:
     )
 
 
+def open_dead_letters(spec: RedisQueueSpec, context: SourceContext) -> RedisDeadLetters:
+    """The stream the URI names (``STREAM_KEY:dlq`` for the default dead-letter stream of
+    ``STREAM_KEY``), read and redriven without a consumer group."""
+    from poller.sources.redis_queue.dead_letters import RedisDeadLetters
+
+    tls = bool(spec.options["tls"])
+    login = credentials(spec.address, tls, context.config.redis, spec.display_uri)
+    return RedisDeadLetters(spec, login, tls)
+
+
 SOURCE: Final = SourceKind(
     name="redis-queue",
     family=Family.QUEUE,
@@ -134,5 +145,6 @@ SOURCE: Final = SourceKind(
     parse=parse,
     open=open_queue,
     open_sender=open_queue,
+    open_dead_letters=open_dead_letters,
     label="redis-queue",
 )

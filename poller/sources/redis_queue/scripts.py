@@ -121,3 +121,31 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return reaped
 """
+
+# Move dead letters back to a stream, oldest first: each entry is copied with its fields less
+# the ones dead-lettering added, then deleted from the dead-letter stream, inside one script,
+# so a crash can neither lose nor duplicate one. Only entries up to a given id move (what was
+# there when the redrive began).
+# KEYS: dead-letter stream, target stream. ARGV: last id, count. Returns how many moved.
+REDRIVE_LUA: Final = """
+local dead = {DeadLetterReason = true, DeadLetterSourceQueue = true,
+              DeadLetterSourceId = true, DeadLetterReceiveCount = true}
+local entries = redis.call('XRANGE', KEYS[1], '-', ARGV[1], 'COUNT', tonumber(ARGV[2]))
+for _, e in ipairs(entries) do
+  local args = {KEYS[2], '*'}
+  local fields = e[2]
+  for j = 1, #fields, 2 do
+    if not dead[fields[j]] then
+      args[#args + 1] = fields[j]
+      args[#args + 1] = fields[j + 1]
+    end
+  end
+  if #args == 2 then
+    args[3] = 'body'
+    args[4] = ''
+  end
+  redis.call('XADD', unpack(args))
+  redis.call('XDEL', KEYS[1], e[1])
+end
+return #entries
+"""

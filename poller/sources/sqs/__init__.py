@@ -21,6 +21,7 @@ from poller.sources.base import (
 )
 
 if TYPE_CHECKING:
+    from poller.sources.sqs.dead_letters import SqsDeadLetters
     from poller.sources.sqs.queue import SqsQueue
 
 _PARTITION = r"(?P<partition>aws(?:-[a-z]+)*)"
@@ -143,6 +144,12 @@ def open_queue(spec: SqsSpec, context: SourceContext) -> SqsQueue:
     )
 
 
+def open_dead_letters(spec: SqsSpec, context: SourceContext) -> SqsDeadLetters:
+    from poller.sources.sqs.dead_letters import SqsDeadLetters
+
+    return SqsDeadLetters(open_queue(spec, context))
+
+
 SOURCE: Final = SourceKind(
     name="sqs",
     family=Family.QUEUE,
@@ -154,5 +161,6 @@ SOURCE: Final = SourceKind(
     parse=parse,
     open=open_queue,
     open_sender=open_queue,
+    open_dead_letters=open_dead_letters,
     label="SQS",
 )
