@@ -171,7 +171,7 @@ def test_a_password_the_config_lacks_shows_a_problem_until_it_is_not_required(
     try:
         wait_for(lambda: "refused the credentials" in m.result(), 30, "the problem shown")
         status, body = m.daemon.http("/readyz")
-        assert status == 503 and json.loads(body)["starting"], body
+        assert status == 503 and "refused the credentials" in body, body
         # The mapping's runner retries; the first record is still there when it gets in.
         m.problem_then_recovery(
             "refused the credentials", lambda: authed.config_set("requirepass", "")

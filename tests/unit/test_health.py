@@ -41,6 +41,21 @@ def test_a_source_outage_is_shown_with_its_error_and_gives_way_when_it_ends() ->
     assert seen == ["OK", "PROBLEM: Connection refused", "OK"]
 
 
+def test_the_status_follows_the_latest_cause_of_one_outage_logged_once() -> None:
+    seen: list[str] = []
+    out = io.BytesIO()
+    health = SourceHealth(
+        JsonLog(out), metrics.MappingMetrics("m-cause", "fn"), {"mapping": "m-cause"}, seen.append
+    )
+    health.set_status("OK")
+    health.failed("receive", SourceError("Connection closed by server"))
+    health.failed("receive", SourceError("WRONGPASS"))
+    assert health.status == "PROBLEM: WRONGPASS" and health.why == "WRONGPASS"
+    health.ok()
+    assert seen == ["OK", "PROBLEM: Connection closed by server", "PROBLEM: WRONGPASS", "OK"]
+    assert out.getvalue().count(b"event source unavailable") == 1
+
+
 def test_an_outage_from_the_first_call_gives_way_to_no_records_processed() -> None:
     health, _, _ = _health("m-first")
     health.failed("start", SourceError("Name or service not known"))
