@@ -179,3 +179,6 @@ def check_runnable(mapping: Mapping) -> None:
             f"poller (it runs {supported}).",
             parameter="EventSourceArn",
         )
+    why = mapping.source.unsupported
+    if why is not None:
+        raise MappingError(why, parameter="EventSourceArn")
