@@ -39,6 +39,11 @@ _encode_sorted = msgspec.json.Encoder(order="sorted").encode
 
 FETCH_LIMIT: Final = 1_000  # GetRecords' most
 DESCRIBE_PAGE: Final = 100  # DescribeStream's most shards per page
+_ITERATOR_TYPES: Final = {
+    "after": "AFTER_SEQUENCE_NUMBER",
+    "trim_horizon": "TRIM_HORIZON",
+    "latest": "LATEST",
+}
 PERMISSIONS: Final = (
     "dynamodb:DescribeStream, dynamodb:GetShardIterator and dynamodb:GetRecords "
     "(and dynamodb:DescribeTable for dynamodb://TABLE)"
@@ -154,18 +159,14 @@ class DynamoDbStream:
         return reader
 
     async def iterator(self, shard_id: str, start: StartAt) -> str:
-        params: dict[str, Any] = {"StreamArn": self.stream_arn, "ShardId": shard_id}
+        params: dict[str, Any] = {
+            "StreamArn": self.stream_arn,
+            "ShardId": shard_id,
+            # No AT_TIMESTAMP: a mapping asking for it is refused when it is created.
+            "ShardIteratorType": _ITERATOR_TYPES[start.kind],
+        }
         if start.kind == "after":
-            params["ShardIteratorType"] = "AFTER_SEQUENCE_NUMBER"
             params["SequenceNumber"] = start.sequence
-        elif start.kind == "trim_horizon":
-            params["ShardIteratorType"] = "TRIM_HORIZON"
-        elif start.kind == "latest":
-            params["ShardIteratorType"] = "LATEST"
-        else:  # refused when the mapping is created (StartingPosition)
-            raise SourceError(
-                f"{self.what}: DynamoDB Streams cannot start at {start.kind}", retryable=False
-            )
         response = await self.aws.call("GetShardIterator", **params)
         iterator: str = response["ShardIterator"]
         return iterator
