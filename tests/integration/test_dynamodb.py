@@ -9,6 +9,7 @@ tests/unit/test_aws_stream_readers.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections import defaultdict
@@ -202,6 +203,25 @@ async def test_a_table_without_a_stream_is_named_and_starts_once_one_is_enabled(
     assert "aws dynamodb update-table --table-name plain --stream-specification" in problem
     [record] = h.handled()
     assert record["eventName"] == "INSERT" and record["dynamodb"]["StreamViewType"] == "NEW_IMAGE"
+
+
+async def test_an_idle_shard_is_polled_about_four_times_a_second(
+    aws_env: AwsEnv, tmp_path: Path
+) -> None:
+    await _table(aws_env, "idle")
+    h = _harness(aws_env, tmp_path, "dynamodb://idle")
+    calls: list[float] = []
+    async with h.running() as runner:
+        await until(lambda: runner.started, 20, "the runner started")
+        runner.source.aws._client.meta.events.register(
+            "before-call.dynamodbstreams.GetRecords", lambda **_: calls.append(time.monotonic())
+        )
+        await asyncio.sleep(3)
+    # About four a second: never faster than the 0.25 s pause allows (a busy machine only
+    # makes it slower, so the lower bound is loose).
+    assert 3 <= len(calls) <= 13
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert all(gap >= 0.18 for gap in gaps), gaps
 
 
 async def test_filters_match_on_the_dynamodb_key(aws_env: AwsEnv, tmp_path: Path) -> None:

@@ -241,3 +241,33 @@ async def test_the_sender_puts_again_what_kinesis_throttled() -> None:
     assert await stream.send(["a", "b"], partition_key="k") == 2
     second = stub.calls[1][1]["Records"]
     assert second == [{"Data": b"b", "PartitionKey": "k"}]
+
+
+async def test_dynamodb_shards_are_described_page_by_page_with_their_parents() -> None:
+    def shard(shard_id: str, parent: str | None = None, ending: str | None = None) -> Any:
+        numbers = {
+            "StartingSequenceNumber": "1",
+            **({"EndingSequenceNumber": ending} if ending else {}),
+        }
+        return {"ShardId": shard_id, "SequenceNumberRange": numbers} | (
+            {"ParentShardId": parent} if parent else {}
+        )
+
+    stream, stub = _ddb(
+        (
+            "DescribeStream",
+            {
+                "StreamDescription": {
+                    "Shards": [shard("a", ending="9"), shard("b", parent="a")],
+                    "LastEvaluatedShardId": "b",
+                }
+            },
+        ),
+        ("DescribeStream", {"StreamDescription": {"Shards": [shard("c", parent="a")]}}),
+    )
+    assert await stream.shards() == [
+        Shard("a", (), closed=True),
+        Shard("b", ("a",)),
+        Shard("c", ("a",)),
+    ]
+    assert [params.get("ExclusiveStartShardId") for _, params in stub.calls] == [None, "b"]
