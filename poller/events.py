@@ -284,6 +284,62 @@ class KinesisRecordShape:
         )
 
 
+DYNAMODB_EVENT_SOURCE = "aws:dynamodb"
+# The members of a record's "dynamodb" object, in the order Lambda's events have them (§7.3).
+_DYNAMODB_MEMBERS = (
+    "ApproximateCreationDateTime",
+    "Keys",
+    "NewImage",
+    "OldImage",
+    "SequenceNumber",
+    "SizeBytes",
+    "StreamViewType",
+)
+
+
+class DynamoDbRecordShape:
+    """The §7.3 record for one DynamoDB stream's records, from what GetRecords returns (with
+    binary attribute values still base64, as the service sent them)."""
+
+    __slots__ = ("event_source_arn", "region")
+
+    def __init__(self, event_source_arn: str, region: str) -> None:
+        self.event_source_arn = event_source_arn
+        self.region = region
+
+    def record(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Lambda's record for one stream record: ``eventVersion`` "1.1" (what DynamoDB
+        Streams writes today), ``ApproximateCreationDateTime`` in whole epoch seconds, and a
+        ``userIdentity`` in Lambda's spelling on the records of TTL deletions only."""
+        change = raw.get("dynamodb") or {}
+        body: dict[str, Any] = {}
+        created = change.get("ApproximateCreationDateTime")
+        if created is not None:
+            body["ApproximateCreationDateTime"] = int(created)
+        for name in _DYNAMODB_MEMBERS[1:]:
+            if name in change:
+                body[name] = change[name]
+        for name, value in change.items():  # members this version does not know yet
+            if name not in body and name != "ApproximateCreationDateTime":
+                body[name] = value
+        record: dict[str, Any] = {
+            "eventID": raw.get("eventID"),
+            "eventVersion": "1.1",
+            "eventName": raw.get("eventName"),
+            "eventSource": DYNAMODB_EVENT_SOURCE,
+            "awsRegion": raw.get("awsRegion") or self.region,
+            "dynamodb": body,
+            "eventSourceARN": self.event_source_arn,
+        }
+        identity = raw.get("userIdentity")
+        if identity:
+            record["userIdentity"] = {
+                "type": identity.get("Type"),
+                "principalId": identity.get("PrincipalId"),
+            }
+        return record
+
+
 def invocation_record(
     *,
     request_id: str,

@@ -5,6 +5,9 @@ so two ReceiveMessage calls at the same moment can both get the same message (bo
 receive count of the second; getmoto/moto#519). Real SQS hides a message from the moment one
 receive takes it, and the end-to-end tests count deliveries, so here the take is serialized.
 Long polling waits outside the lock so that one waiting receive never holds up another.
+
+It also makes moto's Kinesis behave as AWS does in resharding, iterator expiry, throttling and
+ListShards paging (moto_kinesis.py says where and why).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import moto_kinesis
 from moto.server import main
 from moto.sqs.models import SQSBackend
 
@@ -43,6 +47,7 @@ def _atomic_receive(
 
 
 SQSBackend.receive_message = _atomic_receive  # type: ignore[method-assign]
+moto_kinesis.install()
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ retention gaps and lag is reported."""
 
 from __future__ import annotations
 
+import random
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 READ_AHEAD_BATCHES: Final = 2
 # An idle shard's blocking read waits this long (sources that cannot block poll instead).
 IDLE_WAIT_S: Final = 1.0
+# Pauses of a shard whose reads the service throttles (first, at most).
+THROTTLE_FIRST_S: Final = 0.5
+THROTTLE_MOST_S: Final = 10.0
 
 
 class ShardReading:
@@ -49,15 +53,33 @@ class ShardReading:
 
     async def _source(self, operation: str, call: Any) -> Any:
         health = self.runner.health
+        throttled_for = 0.0
         while True:
             try:
                 result = await call()
             except SourceError as exc:
+                if exc.throttled:
+                    # The service is fine and wants this shard read more slowly: no outage, no
+                    # attempt, a backoff of the shard's own.
+                    throttled_for = self._throttled(operation, exc, throttled_for)
+                    await self._pause(throttled_for)
+                    continue
                 health.failed(operation, exc)
                 await self._pause(health.next_backoff())
                 continue
             health.ok()
             return result
+
+    def _throttled(self, operation: str, exc: SourceError, delay: float) -> float:
+        """The next pause of a shard the service throttles (counted, logged once a spell)."""
+        self.runner.metrics.source_error(f"{operation}_throttled").inc()
+        if not delay:
+            self.runner.log.info(
+                f"reads throttled by the source; backing off: {exc}",
+                **self._fields,
+                operation=operation,
+            )
+        return min(max(delay * 2, THROTTLE_FIRST_S), THROTTLE_MOST_S) * random.uniform(0.8, 1.2)
 
     # -- reading -------------------------------------------------------------------------------
     async def _read(self) -> None:

@@ -253,6 +253,20 @@ def check_topics(p: Parameter, value: list[Any], ctx: Context) -> list[str]:
     return [topic]
 
 
+def check_starting_position(p: Parameter, value: str, ctx: Context) -> str:
+    """A position the source's service has (DynamoDB Streams: no AT_TIMESTAMP), checked before
+    StartingPositionTimestamp so AWS's message comes first."""
+    kind = ctx.source.kind
+    if value not in kind.starting_positions:
+        raise MappingError(
+            f"Unsupported starting position for arn type: {redact(ctx.source.uri)}",
+            detail=f"(StartingPosition={value}; {kind.label} streams support "
+            f"{' and '.join(kind.starting_positions)}.)",
+            parameter=p.aws_name,
+        )
+    return value
+
+
 def check_consumer_group(p: Parameter, value: str, ctx: Context) -> str:
     if not _CONSUMER_GROUP.match(value):
         raise MappingError(

@@ -18,6 +18,7 @@ from poller.mappings.checks import (
     check_record_age,
     check_response_types,
     check_scaling_config,
+    check_starting_position,
     check_topics,
     to_epoch,
 )
@@ -189,6 +190,7 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
         enum=STARTING_POSITIONS,
         required=ORDERED,
         create_only=True,
+        check=check_starting_position,
     ),
     Parameter(
         "StartingPositionTimestamp",

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Final
 from poller.mappings.checks import FUNCTION_REF, iso
 from poller.mappings.errors import CONFLICT, MSG_FIFO_WINDOW, MSG_QUEUE_WINDOW, MappingError
 from poller.mappings.parameters import Context
-from poller.redaction import redact
 from poller.sources.base import Family
 from poller.sources.kafka import KafkaSpec
 from poller.sources.kinds import runnable_kinds
@@ -24,15 +23,8 @@ Rule = Callable[[dict[str, Any], Context], None]
 
 
 def _rule_starting_position(v: dict[str, Any], ctx: Context) -> None:
+    # Whether the service has the position at all is the StartingPosition parameter's check.
     position = v["starting_position"]
-    kind = ctx.source.kind
-    if position not in kind.starting_positions:
-        raise MappingError(
-            f"Unsupported starting position for arn type: {redact(ctx.source.uri)}",
-            detail=f"(StartingPosition={position}; {kind.label} streams support "
-            f"{' and '.join(kind.starting_positions)}.)",
-            parameter="StartingPosition",
-        )
     timestamp = v["starting_position_timestamp"]
     if position == "AT_TIMESTAMP" and timestamp is None:
         raise MappingError(
@@ -179,3 +171,6 @@ def check_runnable(mapping: Mapping) -> None:
             f"poller (it runs {supported}).",
             parameter="EventSourceArn",
         )
+    why = mapping.source.unsupported
+    if why is not None:
+        raise MappingError(why, parameter="EventSourceArn")

@@ -12,6 +12,8 @@ SCHEMES: dict[str, str] = {
     "https": "poller.sources.sqs",
     "redis-queue": "poller.sources.redis_queue",
     "redis-stream": "poller.sources.redis_stream",
+    "kinesis": "poller.sources.kinesis",
+    "dynamodb": "poller.sources.dynamodb",
     "kafka": "poller.sources.kafka",
 }
 

@@ -109,12 +109,15 @@ class SourceError(Exception):
     """The service failed in a way a person should see (bad queue name, auth, unreachable).
 
     ``retryable`` says whether trying again later may work (a restart, a network blip) or whether
-    the mapping's configuration must change first.
+    the mapping's configuration must change first. ``throttled`` says the service refused the
+    call for its rate limits (Kinesis's ProvisionedThroughputExceededException): the source is
+    fine and the caller only has to slow down.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, throttled: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.throttled = throttled
 
 
 class QueueSource(Protocol):
@@ -354,6 +357,12 @@ class SourceSpec:
     def has_credentials(self) -> bool:
         """True when the URI itself holds a password (stored in the registry as given)."""
         return False
+
+    @property
+    def unsupported(self) -> str | None:
+        """Why this version cannot run a mapping on this source although its kind runs (a form
+        of the service it does not read yet), as a message for the person creating it."""
+        return None
 
 
 @dataclass(frozen=True, slots=True)

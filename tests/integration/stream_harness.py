@@ -1,5 +1,6 @@
-"""The stream engine over real redis-server stream keys and real worker processes, in-process:
-what the handler saw is in a file, what the destination got in another."""
+"""The stream engine over a real ordered source (redis-server stream keys by default, or any
+``source_uri``: a Kinesis stream on moto...) and real worker processes, in-process: what the
+handler saw is in a file, what the destination got in another (or in ``destination_uri``)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from poller.config import Config, FunctionConfig
-from poller.engine.destinations import FileDestination
+from poller.engine.destinations import FileDestination, open_destination
 from poller.engine.stream import StreamRunner, StreamSettings
 from poller.logs import JsonLog
 from poller.mappings import parse_event_source
 from poller.metrics import MappingMetrics
 from poller.runtime.pool import Runtime
-from poller.sources import redis_stream
-from poller.sources.base import TRIM_HORIZON, SourceContext
+from poller.sources.base import TRIM_HORIZON, AwsDefaults, SourceContext
 from poller.state.sqlite import SqliteStore
 from tests.servers import RedisServer
 
@@ -50,6 +50,40 @@ HANDLERS = textwrap.dedent(
 
     def ok(event, context):
         time.sleep(float(os.environ.get("SLEEP", "0")))
+        _note(event, context)
+
+    def raw(event, context):
+        with open(os.environ["OUT"] + ".events", "a") as f:
+            f.write(json.dumps(event) + "\\n")
+
+    def changes(event, context):
+        # DynamoDB records, whole, with the invoke's id.
+        with open(os.environ["OUT"], "a") as f:
+            for r in event["Records"]:
+                f.write(json.dumps({**r, "request": context.aws_request_id}) + "\\n")
+
+    def changes_partial(event, context):
+        # Fails the records whose new image has a "bad" attribute.
+        changes(event, context)
+        return {"batchItemFailures": [
+            {"itemIdentifier": r["dynamodb"]["SequenceNumber"]}
+            for r in event["Records"] if "bad" in r["dynamodb"].get("NewImage", {})
+        ]}
+
+    def ordered(event, context):
+        # Bodies are "KEY:N", N growing per key as they were sent: a record whose N is not above
+        # the last one handled for its key came out of order, and is written down as such.
+        keys = os.environ["OUT"] + ".keys"
+        os.makedirs(keys, exist_ok=True)
+        for r in event["Records"]:
+            key, n = base64.b64decode(r["kinesis"]["data"]).decode().rsplit(":", 1)
+            path = os.path.join(keys, key)
+            last = int(open(path).read()) if os.path.exists(path) else -1
+            if int(n) <= last:
+                with open(os.environ["OUT"] + ".disorder", "a") as f:
+                    f.write(f"{key}: {n} after {last}\\n")
+            with open(path, "w") as f:
+                f.write(n)
         _note(event, context)
 
     def poison(event, context):
@@ -93,7 +127,7 @@ HANDLERS = textwrap.dedent(
 
 @dataclass
 class Harness:
-    server: RedisServer
+    server: RedisServer | None
     tmp: Path
     handler: str = "ok"
     keys: tuple[str, ...] = ("s0",)
@@ -102,9 +136,19 @@ class Harness:
     destination: bool = False
     destination_path: Path | None = None
     log_stream: io.BytesIO = field(default_factory=io.BytesIO)
+    # Another source than the Redis server's keys, and the config it is opened with.
+    source_uri: str | None = None
+    config: Config = field(default_factory=Config)
+    # An on-failure destination URI (an SQS queue...) instead of the file.
+    destination_uri: str | None = None
+    # A StreamSource object to run instead of opening the URI (what a real service cannot do).
+    stub_source: Any = None
 
     @property
     def uri(self) -> str:
+        if self.source_uri is not None:
+            return self.source_uri
+        assert self.server is not None
         return f"redis-stream://{self.server.host}:{self.server.port}/0/{','.join(self.keys)}"
 
     @property
@@ -114,6 +158,16 @@ class Harness:
     @property
     def failures(self) -> Path:
         return self.destination_path or self.tmp / "failures.jsonl"
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events the ``raw`` handler was given, whole."""
+        path = self.tmp / "handled.jsonl.events"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def disorder(self) -> list[str]:
+        """What the ``ordered`` handler saw out of order."""
+        path = self.tmp / "handled.jsonl.disorder"
+        return path.read_text().splitlines() if path.exists() else []
 
     def handled(self) -> list[dict[str, Any]]:
         if not self.out.exists():
@@ -133,6 +187,7 @@ class Harness:
     ) -> list[str]:
         """XADD the bodies; ``at_ms`` gives them ids of that millisecond (an arrival time in
         the past)."""
+        assert self.server is not None
         client = aioredis.Redis(host=self.server.host, port=self.server.port)
         try:
             pipe = client.pipeline(transaction=False)
@@ -161,8 +216,13 @@ class Harness:
         if store is None:
             store = SqliteStore(f"sqlite:///{self.tmp}/state.db")
             await store.open()
-        context = SourceContext(config=Config(), store=store, log=log, mapping_uuid="m")
-        source = redis_stream.open_stream(parse_event_source(self.uri), context)  # type: ignore[arg-type]
+        context = SourceContext(config=self.config, store=store, log=log, mapping_uuid="m")
+        source = self.stub_source
+        if source is None:
+            aws = self.config.aws
+            spec = parse_event_source(self.uri, AwsDefaults(aws.region, aws.account))
+            assert spec.kind.open is not None
+            source = spec.kind.open(spec, context)
         settings = StreamSettings(
             uuid="m",
             function_name="f",
@@ -183,7 +243,13 @@ class Harness:
             store,
             log=log,
             metrics=MappingMetrics(f"m-{uuid.uuid4().hex[:6]}", "f"),
-            destination=FileDestination(self.failures) if self.destination else None,
+            destination=(
+                open_destination(self.destination_uri, context)
+                if self.destination_uri
+                else FileDestination(self.failures)
+                if self.destination
+                else None
+            ),
             ownership=ownership(store, settings) if ownership is not None else None,
         )
         task = asyncio.get_running_loop().create_task(runner.run())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,14 +85,7 @@ async def test_upsert_declared_matches_by_name(registry: Registry) -> None:
         await registry.upsert_declared([{**entry, "name": "bad", "batch_size": 0}], "c.toml")
 
 
-@pytest.mark.parametrize(
-    ("uri", "label"),
-    [
-        ("arn:aws:kinesis:us-east-1:123456789012:stream/s", "Kinesis"),
-        ("arn:aws:dynamodb:us-east-1:123456789012:table/Tbl/stream/2024", "DynamoDB"),
-        ("kafka://b:9092/t", "Kafka"),
-    ],
-)
+@pytest.mark.parametrize(("uri", "label"), [("kafka://b:9092/t", "Kafka")])
 async def test_a_source_without_a_runner_is_refused_by_kind(
     registry: Registry, uri: str, label: str
 ) -> None:
@@ -102,3 +96,84 @@ async def test_a_source_without_a_runner_is_refused_by_kind(
         )
     assert f"{label} event sources are not supported by this version of poller" in str(info.value)
     assert await registry.list() == []
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "arn:aws:kinesis:us-east-1:123456789012:stream/s",
+        "kinesis://s",
+        "arn:aws:dynamodb:us-east-1:123456789012:table/Tbl/stream/2024",
+        "dynamodb://Tbl",
+    ],
+)
+async def test_kinesis_and_dynamodb_mappings_are_created(registry: Registry, uri: str) -> None:
+    created = await registry.create(
+        {"function_name": "f", "event_source_arn": uri, "starting_position": "TRIM_HORIZON"}
+    )
+    assert (await registry.get(created.uuid)).event_source_arn == uri
+
+
+async def test_a_kinesis_stream_by_name_and_by_arn_are_one_source(registry: Registry) -> None:
+    await registry.create(
+        {"function_name": "f", "event_source_arn": "kinesis://s", "starting_position": "LATEST"}
+    )
+    with pytest.raises(MappingError) as info:
+        await registry.create(
+            {
+                "function_name": "f",
+                "event_source_arn": "arn:aws:kinesis:us-east-1:000000000000:stream/s",
+                "starting_position": "LATEST",
+            }
+        )
+    assert info.value.code == "ResourceConflictException"
+
+
+async def test_an_enhanced_fan_out_consumer_is_refused_as_not_supported_yet(
+    registry: Registry,
+) -> None:
+    consumer = "arn:aws:kinesis:us-east-1:123456789012:stream/s/consumer/fan:1700000000"
+    with pytest.raises(MappingError) as info:
+        await registry.create(
+            {"function_name": "f", "event_source_arn": consumer, "starting_position": "LATEST"}
+        )
+    assert info.value.message == (
+        f"Kinesis enhanced fan-out consumers (ARN {consumer}) are not supported yet: map the "
+        "stream itself (arn:aws:kinesis:us-east-1:123456789012:stream/s); records are then "
+        "read with GetRecords, sharing the shards' read throughput with other consumers."
+    )
+    assert info.value.parameter == "EventSourceArn"
+    assert await registry.list() == []
+
+
+@pytest.mark.parametrize("with_timestamp", [False, True])
+async def test_at_timestamp_on_a_dynamodb_table_is_refused_with_awss_message(
+    registry: Registry, with_timestamp: bool
+) -> None:
+    params = {
+        "function_name": "f",
+        "event_source_arn": "dynamodb://Orders",
+        "starting_position": "AT_TIMESTAMP",
+    }
+    if with_timestamp:
+        params["starting_position_timestamp"] = 1_700_000_000
+    with pytest.raises(MappingError) as info:
+        await registry.create(params)
+    assert info.value.message == "Unsupported starting position for arn type: dynamodb://Orders"
+    assert info.value.parameter == "StartingPosition"
+
+
+@pytest.mark.parametrize(
+    ("uri", "key"), [("kinesis://s", "data"), ("dynamodb://Orders", "dynamodb")]
+)
+async def test_a_plain_pattern_on_a_streams_data_key_is_refused(
+    registry: Registry, uri: str, key: str
+) -> None:
+    """§11.4: the data key takes only a JSON object pattern."""
+    params = {"function_name": "f", "event_source_arn": uri, "starting_position": "LATEST"}
+    plain = {"Filters": [{"Pattern": json.dumps({key: ["plain"]})}]}
+    with pytest.raises(MappingError) as info:
+        await registry.create({**params, "filter_criteria": plain})
+    assert info.value.message == "Invalid filter pattern definition."
+    nested = {"Filters": [{"Pattern": json.dumps({key: {"a": ["x"]}})}]}
+    assert (await registry.create({**params, "filter_criteria": nested})).filter_criteria

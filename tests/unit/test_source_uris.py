@@ -306,6 +306,46 @@ def test_dynamodb_stream() -> None:
     assert src.display_uri == DDB_ARN
 
 
+def test_kinesis_by_name_takes_region_and_account_from_the_config() -> None:
+    src = parse_event_source("kinesis://clicks", AwsDefaults("eu-west-1", "123456789012"))
+    assert (src.kind.name, src.stream_name, src.by_name) == ("kinesis", "clicks", True)
+    assert (
+        src.display_uri == src.stream_arn == "arn:aws:kinesis:eu-west-1:123456789012:stream/clicks"
+    )
+    assert src.identity == parse_event_source(src.stream_arn).identity
+    assert src.unsupported is None
+
+
+def test_a_kinesis_consumer_is_a_source_of_its_own_and_not_supported_yet() -> None:
+    consumer = parse_event_source(KINESIS_ARN + "/consumer/fanout:1525898737")
+    assert consumer.identity != parse_event_source(KINESIS_ARN).identity
+    assert consumer.unsupported is not None and "not supported yet" in consumer.unsupported
+
+
+def test_dynamodb_table() -> None:
+    src = parse_event_source("dynamodb://Orders", AwsDefaults("eu-west-1", "123456789012"))
+    assert (src.kind.name, src.table_name, src.stream_label) == ("dynamodb", "Orders", None)
+    assert src.display_uri == "dynamodb://Orders" and src.stream_arn is None
+    # The table's current stream is the same source as its ARN.
+    same = parse_event_source(DDB_ARN.replace("us-east-1", "eu-west-1"))
+    assert src.identity == same.identity and same.stream_arn == same.uri
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "kinesis://",
+        "kinesis://has space",
+        "kinesis://a/b",
+        "dynamodb://ab",  # table names are 3-255 characters
+        "dynamodb://a/b",
+    ],
+)
+def test_stream_names_malformed(uri: str) -> None:
+    err = parse_error(uri)
+    assert err.message.startswith("Invalid ")
+
+
 @pytest.mark.parametrize(
     "uri",
     [
