@@ -18,6 +18,8 @@ import pytest
 
 from tests.fault.harness import Round, Workload
 from tests.fault.workloads import (
+    DynamoDbWorkload,
+    KinesisWorkload,
     LocalWorkload,
     RedisQueueWorkload,
     RedisStreamWorkload,
@@ -108,3 +110,23 @@ def test_sqs(
     aws_credentials: None,
 ) -> None:
     _rounds(request, fault_seed, lambda w: SqsWorkload(w, fault_moto), tmp_path)
+
+
+def test_kinesis(
+    request: pytest.FixtureRequest,
+    fault_seed: int,
+    tmp_path: Path,
+    fault_moto: MotoServer,
+    aws_credentials: None,
+) -> None:
+    _rounds(request, fault_seed, lambda w: KinesisWorkload(w, fault_moto), tmp_path)
+
+
+def test_dynamodb(
+    request: pytest.FixtureRequest,
+    fault_seed: int,
+    tmp_path: Path,
+    fault_moto: MotoServer,
+    aws_credentials: None,
+) -> None:
+    _rounds(request, fault_seed, lambda w: DynamoDbWorkload(w, fault_moto), tmp_path)

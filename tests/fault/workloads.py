@@ -250,3 +250,107 @@ def _handled_ids(workdir: Path) -> set[str]:
             except ValueError:
                 continue
     return ids
+
+
+class _AwsStreamWorkload(Workload):
+    """An AWS stream on moto behind a proxy. moto keeps streams in memory, so a restart would
+    lose the stream and every record in it, which no Kinesis or DynamoDB outage does (and
+    which would test a deleted stream, not an outage): the server is never restarted; the
+    proxy drops, stalls and half-closes its connections instead."""
+
+    ordered = True
+    faults = (
+        "kill_daemon",
+        "kill_worker",
+        "pause_daemon",
+        "proxy_drop",
+        "proxy_stall",
+        "proxy_half_close",
+    )
+
+    def __init__(self, workdir: Path, server: MotoServer) -> None:
+        super().__init__(workdir)
+        self.server = server
+
+    def setup(self) -> None:
+        self.server.reset()
+        self._create()
+        self.proxy = Proxy(self.server.port)
+        self.proxy.start()
+
+    def _create(self) -> None:
+        raise NotImplementedError
+
+    def config(self) -> str:
+        assert self.proxy is not None
+        return (
+            f'[aws]\nendpoint_url = "http://127.0.0.1:{self.proxy.port}"\n'
+            'account = "123456789012"\n'
+        )
+
+
+class KinesisWorkload(_AwsStreamWorkload):
+    name = "kinesis"
+    stream = "fault-k"
+    factor: ClassVar[int] = 2
+    concurrency = 4  # 2 shards x ParallelizationFactor
+
+    def __init__(self, workdir: Path, server: MotoServer) -> None:
+        super().__init__(workdir, server)
+        self.client = boto3.client("kinesis", region_name=AWS_REGION, endpoint_url=server.url)
+
+    def _create(self) -> None:
+        self.client.create_stream(StreamName=self.stream, ShardCount=2)
+        self.client.get_waiter("stream_exists").wait(
+            StreamName=self.stream, WaiterConfig={"Delay": 0.2, "MaxAttempts": 100}
+        )
+
+    def mapping(self) -> str:
+        return (
+            f'event_source_arn = "kinesis://{self.stream}"\n'
+            'starting_position = "TRIM_HORIZON"\n'
+            f"parallelization_factor = {self.factor}\n"
+        )
+
+    def send(self, records: list[Record]) -> None:
+        entries = [{"Data": _body(r).encode(), "PartitionKey": r.key} for r in records]
+        failed = self.client.put_records(StreamName=self.stream, Records=entries)
+        # Put one call at a time and in order: a partial failure would reorder a key.
+        assert not failed.get("FailedRecordCount"), failed
+
+
+class DynamoDbWorkload(_AwsStreamWorkload):
+    """Each record is a new version of the item named by its key (PutItem), so the order per
+    key the round checks is DynamoDB Streams' order of an item's changes."""
+
+    name = "dynamodb"
+    table = "fault-t"
+    factor: ClassVar[int] = 2
+    concurrency = 2  # moto's table stream has one shard; x ParallelizationFactor
+
+    def __init__(self, workdir: Path, server: MotoServer) -> None:
+        super().__init__(workdir, server)
+        self.client = boto3.client("dynamodb", region_name=AWS_REGION, endpoint_url=server.url)
+
+    def _create(self) -> None:
+        self.client.create_table(
+            TableName=self.table,
+            KeySchema=[{"AttributeName": "key", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "key", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+            StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_IMAGE"},
+        )
+
+    def mapping(self) -> str:
+        return (
+            f'event_source_arn = "dynamodb://{self.table}"\n'
+            'starting_position = "TRIM_HORIZON"\n'
+            f"parallelization_factor = {self.factor}\n"
+        )
+
+    def send(self, records: list[Record]) -> None:
+        for record in records:
+            self.client.put_item(
+                TableName=self.table,
+                Item={"key": {"S": record.key}, "payload": {"S": _body(record)}},
+            )
