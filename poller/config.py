@@ -29,7 +29,14 @@ MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 
 
 class ConfigError(Exception):
-    """A config file problem a person can fix; the message says where and what."""
+    """A config file problem a person can fix; the message says where and what.
+
+    ``key`` is the dotted path of the key at fault (``functions[0].memory_mb``), when one is.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _default_memory_budget_mb() -> int:
@@ -140,21 +147,24 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 _AT = re.compile(r"^(?P<what>.*) - at `\$\.?(?P<where>[^`]*)`$")
 
 
-def _explain(exc: msgspec.ValidationError, path: str) -> str:
+def _explain(exc: msgspec.ValidationError, path: str) -> ConfigError:
     text = str(exc)
     match = _AT.match(text)
     if not match:
         unknown = re.match(r"Object contains unknown field `(.+)`$", text)
         if unknown:
-            return f"{path}: unknown key '{unknown[1]}'; remove it or check its spelling"
-        return f"{path}: {text}"
+            return _unknown(path, unknown[1])
+        return ConfigError(f"{path}: {text}")
     where = match["where"] or "top level"
     what = match["what"]
     unknown = re.match(r"Object contains unknown field `(.+)`", what)
     if unknown:
-        key = f"{where}.{unknown[1]}" if match["where"] else unknown[1]
-        return f"{path}: unknown key '{key}'; remove it or check its spelling"
-    return f"{path}: invalid value for '{where}': {what}"
+        return _unknown(path, f"{where}.{unknown[1]}" if match["where"] else unknown[1])
+    return ConfigError(f"{path}: invalid value for '{where}': {what}", key=match["where"] or None)
+
+
+def _unknown(path: str, key: str) -> ConfigError:
+    return ConfigError(f"{path}: unknown key '{key}'; remove it or check its spelling", key=key)
 
 
 def parse_config(data: dict[str, Any], path: str) -> Config:
@@ -163,13 +173,14 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
     try:
         config = msgspec.convert(data, Config, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, path)) from None
+        raise _explain(exc, path) from None
     config.path = path
     for where, value in _paths(config):
         if "\x00" in value:
             raise ConfigError(
                 f"{path}: invalid value for '{where}': {value!r} holds a NUL character, which no "
-                "file path can"
+                "file path can",
+                key=where,
             )
     base = config.base_dir
     if config.redis.ca_file:
@@ -178,7 +189,10 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
     names: set[str] = set()
     for index, fn in enumerate(config.functions):
         if fn.name in names:
-            raise ConfigError(f"{path}: functions[{index}].name: duplicate function {fn.name!r}")
+            raise ConfigError(
+                f"{path}: functions[{index}].name: duplicate function {fn.name!r}",
+                key=f"functions[{index}].name",
+            )
         names.add(fn.name)
         fn.code_path = str((base / fn.code_path).resolve()) if fn.code_path else str(base)
         for key in ("environment", "inherit_environment"):
@@ -188,26 +202,30 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
                     f"{path}: functions[{index}].{key}: {', '.join(clash)} "
                     f"{'is' if len(clash) == 1 else 'are'} reserved (poller sets "
                     f"{'it' if len(clash) == 1 else 'them'} in every environment, as Lambda "
-                    "does); remove or rename"
+                    "does); remove or rename",
+                    key=f"functions[{index}].{key}",
                 )
         if fn.reserved_concurrency is not None and fn.provisioned_concurrency > max(
             fn.reserved_concurrency, 0
         ):
             raise ConfigError(
                 f"{path}: functions[{index}].provisioned_concurrency ({fn.provisioned_concurrency})"
-                f" exceeds reserved_concurrency ({fn.reserved_concurrency})"
+                f" exceeds reserved_concurrency ({fn.reserved_concurrency})",
+                key=f"functions[{index}].provisioned_concurrency",
             )
     try:
         config.daemon.http_host_port  # noqa: B018 - validate early, not at bind time
     except ValueError:
         raise ConfigError(
             f"{path}: invalid value for 'daemon.http_listen': {config.daemon.http_listen!r}; "
-            "expected HOST:PORT such as 127.0.0.1:9102"
+            "expected HOST:PORT such as 127.0.0.1:9102",
+            key="daemon.http_listen",
         ) from None
     if config.daemon.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f"{path}: invalid value for 'daemon.log_level': {config.daemon.log_level!r}; "
-            "expected debug, info, warning or error"
+            "expected debug, info, warning or error",
+            key="daemon.log_level",
         )
     _check_mappings(config.mappings, path)
     return config
@@ -236,7 +254,8 @@ def _check_mappings(entries: list[dict[str, Any]], path: str) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(
                 f"{path}: {where}.name: every [[mappings]] entry needs a stable name, so restarts "
-                "update it instead of creating a duplicate"
+                "update it instead of creating a duplicate",
+                key=f"{where}.name",
             )
         try:
             check_runnable(create_mapping(entry, validate_filters=compile_filter_criteria))
@@ -244,7 +263,7 @@ def _check_mappings(entries: list[dict[str, Any]], path: str) -> None:
             parameter = PARAMETERS_BY_AWS_NAME.get(exc.parameter or "")
             key = parameter.snake_name if parameter is not None else exc.parameter
             where = f"{where}.{key}" if key else where
-            raise ConfigError(f"{path}: {where}: {exc}") from None
+            raise ConfigError(f"{path}: {where}: {exc}", key=where) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -256,10 +275,56 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config file: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode())
+        text = raw.decode()
+        data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-    return parse_config(data, str(file.resolve()))
+    resolved = str(file.resolve())
+    try:
+        return parse_config(data, resolved)
+    except ConfigError as exc:
+        line = line_of(text, exc.key) if exc.key else None
+        if line is None:
+            raise
+        # FILE:LINE: as compilers write it, so editors and terminals jump to the key.
+        message = str(exc).replace(f"{resolved}: ", f"{resolved}:{line}: ", 1)
+        raise ConfigError(message, key=exc.key) from None
+
+
+_HEADER = re.compile(r"^\s*\[(\[)?\s*([^\]]+?)\s*\]")
+_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*=""")
+
+
+def line_of(text: str, key: str) -> int | None:
+    """The line (from 1) where TOML ``text`` sets dotted ``key`` (``functions[1].memory_mb``),
+    else where its table starts (``[[functions]]`` for ``functions[1]``), else None.
+
+    A plain reading of headers and ``key =`` lines: dotted keys and keys inside inline tables
+    fall back to the enclosing line or table, which is still the place to look."""
+    counts: dict[str, int] = {}
+    table = ""
+    found: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            name = header[2]
+            if header[1]:  # [[array.of.tables]]
+                counts[name] = counts.get(name, -1) + 1
+                table = f"{name}[{counts[name]}]"
+            else:
+                table = name
+            found.setdefault(table, number)
+            continue
+        match = _KEY.match(line)
+        if match:
+            name = match[1].strip("\"'")
+            found.setdefault(f"{table}.{name}" if table else name, number)
+    while key:
+        if key in found:
+            return found[key]
+        # functions[0].environment.X -> functions[0].environment -> functions[0]
+        key = re.sub(r"(\.[^.\[]+|\[\d+\])$", "", key) if re.search(r"[.\[]", key) else ""
+    return None
 
 
 def find_config(explicit: str | None) -> Path:

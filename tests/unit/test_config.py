@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,53 @@ def test_file_errors(tmp_path: Path) -> None:
     bad.write_text("[daemon\n")
     with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML"):
         load_config(bad)
+
+
+FILE_WITH_LINES = """\
+[daemon]
+http_listen = "{listen}"
+
+[[functions]]
+name = "a"
+handler = "m.h"
+
+[[functions]]
+name = "b"
+handler = "m.h"
+memory_mb = {memory}
+environment = {{ {env} = "1" }}
+
+[[mappings]]
+name = "m"
+function_name = "a"
+event_source_arn = "local://q"
+batch_size = {batch}
+"""
+GOOD = {"listen": "127.0.0.1:9102", "memory": 128, "env": "A", "batch": 10}
+
+
+@pytest.mark.parametrize(
+    ("change", "line", "key"),
+    [
+        ({"listen": "nowhere"}, 2, "daemon.http_listen"),
+        ({"memory": 64}, 11, "functions[1].memory_mb"),
+        ({"env": "_HANDLER"}, 12, "functions[1].environment"),
+        ({"batch": 0}, 18, "mappings[0].batch_size"),
+    ],
+)
+def test_errors_in_a_file_name_the_line_of_the_key(
+    tmp_path: Path, change: dict[str, object], line: int, key: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(FILE_WITH_LINES.format(**{**GOOD, **change}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:{line}: "), info.value
+    assert key in str(info.value)
+
+
+def test_a_good_file_with_lines_loads() -> None:
+    parse_config(tomllib.loads(FILE_WITH_LINES.format(**GOOD)), "c.toml")
 
 
 def test_unknown_function_lookup_lists_the_defined_ones() -> None:
