@@ -3,7 +3,7 @@
 One module per group of commands; importing them registers their commands on ``app``.
 """
 
-from poller.cli import mappings, run, send  # noqa: F401 - registers the commands
+from poller.cli import fleet, mappings, run, send  # noqa: F401 - registers the commands
 from poller.cli.common import app
 
 
