@@ -244,3 +244,34 @@ async def test_leases_held_and_reports_show_where_shards_run(
             assert await reported() == {s: lease.owner for s, lease in leases.items()}
         finally:
             await store.close()
+
+
+async def test_a_store_gone_past_the_lease_lets_shards_go_and_they_resume_after(
+    persistent_redis: RedisServer, tmp_path: Path
+) -> None:
+    keys = KEYS[:4]
+    h = Harness(persistent_redis, tmp_path, keys=keys, settings={"batch_size": 5})
+    first = {key: await h.add(key, *[f"{key}-{i}" for i in range(20)]) for key in keys}
+    async with _fleet(h, persistent_redis, duration_s=2) as fleet:
+        await fleet.start("a")
+        await fleet.start("b")
+        await until(lambda: sorted(fleet.load().values()) == [2, 2], 30, "balanced")
+        await until(lambda: len(h.handled()) >= 80, 30, "the first records")
+        persistent_redis.kill()
+        lapsed = "shard leases lapsed while the state store was unreachable: letting every shard go"
+        await until(lambda: len(fleet.logged(lapsed)) == 2, 20, "both daemons letting go")
+        persistent_redis.start()
+        second = {key: await h.add(key, *[f"{key}-late-{i}" for i in range(20)]) for key in keys}
+        await until(
+            lambda: (
+                {(r["shard"], r["seq"]) for r in h.handled()}
+                >= {(k, s) for k in keys for s in first[k] + second[k]}
+            ),
+            40,
+            "every record handled after the restart",
+        )
+        await until(lambda: sorted(fleet.load().values()) == [2, 2], 30, "balanced again")
+    # At least once, in order: the first delivery of each record in stream order per shard.
+    for key in keys:
+        firsts = list(dict.fromkeys(r["seq"] for r in h.handled() if r["shard"] == key))
+        assert firsts == first[key] + second[key]

@@ -228,6 +228,53 @@ def _first_deliveries_in_order(records: list[dict[str, Any]]) -> None:
         assert seqs == sorted(seqs, key=_id), f"order of {pk} broken"
 
 
+def _leases_held_metric(daemon: DaemonProcess, uuid: str) -> float | None:
+    for line in daemon.http("/metrics")[1].splitlines():
+        if line.startswith("poller_leases_held{") and uuid in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _check_views(fleet: Fleet) -> None:
+    """`poller fleet`, `poller mappings get` and each daemon's poller_leases_held agree with
+    the lease table."""
+    config = fleet.daemons["a"].config
+    pids = {fleet.pid(n): n for n in fleet.daemons}
+    load = fleet.load()
+    for pid, name in pids.items():
+        wait_for(
+            lambda pid=pid, name=name: (
+                _leases_held_metric(fleet.daemons[name], fleet.uuid) == load[pid]
+            ),
+            10,
+            f"poller_leases_held of {name}",
+        )
+
+    def reported() -> dict[str, Any]:
+        view = json.loads(cli(config, "fleet").stdout)
+        return {
+            s["ShardId"]: (m["Pid"], s["State"], s["IteratorAgeSeconds"])
+            for m in view["Members"]
+            for s in m["Shards"]
+        }
+
+    # Reports follow the leases within a second or two.
+    wait_for(lambda: all(state for _, state, _ in reported().values()), 10, "shard reports")
+    view = json.loads(cli(config, "fleet").stdout)
+    assert {m["Pid"] for m in view["Members"]} == set(pids)
+    assert {m["Pid"]: m["LeasesHeld"] for m in view["Members"]} == dict(load)
+    assert view["UnownedShards"] == []
+    leases = fleet.leases()
+    assert {shard: pid for shard, (pid, _, _) in reported().items()} == {
+        shard: lease["pid"] for shard, lease in leases.items()
+    }
+    table = cli(config, "fleet", "--output", "table").stdout
+    assert all(str(pid) in table for pid in pids) and all(key in table for key in KEYS)
+    got = json.loads(cli(config, "mappings", "get", fleet.uuid).stdout)
+    assert sorted(s["ShardId"] for s in got["Shards"]) == sorted(KEYS)
+    assert all(s["State"] != "not running" for s in got["Shards"])
+
+
 def _resumed_within(fleet: Fleet, shards: set[str], after: float, by: set[int]) -> float:
     """Seconds from ``after`` until every shard had a record handled by one of ``by``."""
     first: dict[str, float] = {}
@@ -247,10 +294,7 @@ def test_kill_9_hands_the_shards_to_the_survivors_within_15_s(
         fleet.create_mapping()
         with _producing(fleet):
             wait_for(lambda: fleet.balanced(["a", "b", "c"]), 60, "leases 3, 3, 2")
-            view = json.loads(cli(fleet.daemons["a"].config, "fleet").stdout)
-            assert {m["Pid"] for m in view["Members"]} == {fleet.pid(n) for n in "abc"}
-            assert sum(m["LeasesHeld"] for m in view["Members"]) == 8
-            assert view["UnownedShards"] == []
+            _check_views(fleet)
 
             victim = next(n for n in "abc" if fleet.load()[fleet.pid(n)] == 3)
             victim_pid = fleet.pid(victim)
@@ -404,3 +448,11 @@ def test_a_rolling_restart_loses_nothing_and_hands_over_at_once(
     assert max(counts.values()) == 1
     _first_deliveries_in_order(records)
     assert max(handovers) < 10, handovers
+
+
+def test_the_fleet_command_needs_a_redis_store(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    result = cli(config, "fleet", check=False)
+    assert result.returncode == 1
+    assert "[state] url is SQLite" in result.stderr and "redis://" in result.stderr
