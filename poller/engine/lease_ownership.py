@@ -194,23 +194,22 @@ class LeaseOwnership:
     async def _pass(self) -> Plan | None:
         """Renew, read, decide; act on what needs no runner (letting go, asking a peer)."""
         sent = time.monotonic()
+        # Judged against what was sent: a lease taken while the pass was on its way is not
+        # in the view yet, and must not look lost.
+        held = dict(self.held)
         try:
             result = await self.leases.lease_pass(
-                self.mapping_uuid,
-                self.owner,
-                self.duration_ms,
-                dict(self.held),
-                member=not self._leaving,
+                self.mapping_uuid, self.owner, self.duration_ms, held, member=not self._leaving
             )
         except StateError as exc:
             self._unreachable(exc, sent)
             return None
         self._renewed_at = sent
-        decided = plan(self.owner, result.view, self._workable, set(self.held))
+        decided = plan(self.owner, result.view, self._workable, set(held))
         changed = False
         lost = {s for s, counter in result.renewed.items() if not counter} | set(decided.lost)
         for shard in sorted(lost - self.giving):
-            if shard in self.held:
+            if self.held.get(shard) == held[shard]:
                 self.giving.add(shard)
                 changed = True
                 lease = result.view.leases.get(shard)
@@ -221,7 +220,7 @@ class LeaseOwnership:
                     holder=lease.owner if lease is not None else None,
                 )
         for shard in decided.give:
-            if shard not in self.giving:
+            if shard not in self.giving and self.held.get(shard) == held[shard]:
                 self.giving.add(shard)
                 changed = True
                 self.log.info(

@@ -409,6 +409,8 @@ async def test_a_later_claim_fences_an_earlier_owner(
             await h.add("f", "two")
             await until(lambda: "f" in runner.lost, 10, "the shard let go")
             assert runner.processors.get("f") is None
+            # Not taken back: its new owner has it.
+            assert await runner.ownership.take([Shard("f")]) == []
         assert any("refused" in r.get("message", "") for r in h.logs())
         checkpoints = await store.list_checkpoints("m")
         assert checkpoints["f"].position == h.handled()[0]["seq"]
