@@ -265,9 +265,11 @@ class StreamRunner:
                 )
 
     async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
+        # Cleared once seen, not before waiting: a wake-up that came while the runner was busy
+        # (the ownership handing a shard over, say) must not wait for the next round.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def _report_status(self) -> None:
         """Each shard's checkpoint, iterator age and state, for `poller mappings get`."""
