@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from poller.engine.leases import Plan, plan
@@ -25,7 +25,7 @@ from poller.engine.ownership import finished_shards
 from poller.logs import JsonLog
 from poller.sources.base import Shard
 from poller.state.base import Checkpoint, Claim, StaleClaimError, StateError, StateStore
-from poller.state.leases import LeaseStore, Nudges
+from poller.state.leases import Lease, LeaseStore, Nudges
 
 # After a nudge, wait this long before looking, so a burst of nudges costs one pass.
 NUDGE_SETTLE_S = 0.02
@@ -158,10 +158,25 @@ class LeaseOwnership:
         for shard, token in list(self.held.items()):
             await self.release(Shard(shard), token)
         with contextlib.suppress(StateError):
+            table = await self.leases.leases(self.mapping_uuid)
+            await self._pass_on(list(table), table)
             await self.leases.leave(self.mapping_uuid, self.owner, drop_report=True)
         self._count()
 
     # -- internals ---------------------------------------------------------------------------
+    async def _pass_on(self, shards: Sequence[str], leases: Mapping[str, Lease]) -> None:
+        """Release leases the store says are ours that no processor here holds."""
+        for shard in shards:
+            lease = leases.get(shard)
+            if lease is None or shard in self.held or lease.owner != self.owner:
+                continue
+            with contextlib.suppress(StateError):
+                heir = await self.leases.release(
+                    self.mapping_uuid, shard, self.owner, lease.taken, self.duration_ms
+                )
+                if heir is not None:
+                    self.log.info("lease passed on while stopping", **self.fields, shard=shard)
+
     def _drop(self, shard: str) -> None:
         self.held.pop(shard, None)
         self.giving.discard(shard)
@@ -244,12 +259,15 @@ class LeaseOwnership:
                     )
         if (decided.take or decided.adopt) and not self._leaving:
             changed = True
+        if self._leaving:
+            # Handed to this daemon just before it began to stop: pass them on at once.
+            await self._pass_on(decided.adopt, result.view.leases)
         if changed:
             self._on_change()
         self._next_expiry_s = self._peer_expiry(result.view.now_ms, result.view.leases)
         return decided
 
-    def _peer_expiry(self, now_ms: int, leases: Any) -> float | None:
+    def _peer_expiry(self, now_ms: int, leases: Mapping[str, Lease]) -> float | None:
         """Seconds until the first peer lease on a shard we could take lapses."""
         ahead = [
             lease.expires_ms - now_ms

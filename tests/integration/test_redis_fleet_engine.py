@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -275,3 +276,25 @@ async def test_a_store_gone_past_the_lease_lets_shards_go_and_they_resume_after(
     for key in keys:
         firsts = list(dict.fromkeys(r["seq"] for r in h.handled() if r["shard"] == key))
         assert firsts == first[key] + second[key]
+
+
+async def test_a_lease_handed_to_a_daemon_as_it_stops_is_passed_on(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    store = RedisStore(redis_server.url, key_prefix=f"fleet-{uuid.uuid4().hex[:8]}:")
+    await store.open()
+    try:
+        leases = store.leases
+        log = JsonLog(io.BytesIO())
+        stopping = LeaseOwnership(store, leases, "m", "a", duration_s=30, log=log, fields={})
+        token = await leases.take("m", "s0", "b", 30_000)
+        await leases.lease_pass("m", "a", 30_000, {}, member=True)
+        assert await leases.ask("m", "s0", "b", "a")
+        # b hands it over just before a leaves: a now holds a lease no processor of it has.
+        assert await leases.release("m", "s0", "b", token, 30_000) == "a"
+        await stopping.leaving()
+        await stopping.close()
+        lease = (await leases.leases("m"))["s0"]
+        assert lease.owner is None  # free for the daemons that stay, not left to lapse
+    finally:
+        await store.close()
