@@ -240,15 +240,13 @@ def _check_views(fleet: Fleet) -> None:
     the lease table."""
     config = fleet.daemons["a"].config
     pids = {fleet.pid(n): n for n in fleet.daemons}
+
+    def metrics_agree() -> bool:
+        held = {pid: _leases_held_metric(fleet.daemons[n], fleet.uuid) for pid, n in pids.items()}
+        return held == {pid: fleet.load()[pid] for pid in pids}
+
+    wait_for(metrics_agree, 10, "poller_leases_held of each daemon")
     load = fleet.load()
-    for pid, name in pids.items():
-        wait_for(
-            lambda pid=pid, name=name: (
-                _leases_held_metric(fleet.daemons[name], fleet.uuid) == load[pid]
-            ),
-            10,
-            f"poller_leases_held of {name}",
-        )
 
     def reported() -> dict[str, Any]:
         view = json.loads(cli(config, "fleet").stdout)
