@@ -217,7 +217,7 @@ class LeaseOwnership:
                 self.mapping_uuid, self.owner, self.duration_ms, held, member=not self._leaving
             )
         except StateError as exc:
-            self._unreachable(exc, sent)
+            self._unreachable(exc)
             return None
         self._renewed_at = sent
         decided = plan(self.owner, result.view, self._workable, set(held))
@@ -277,7 +277,7 @@ class LeaseOwnership:
         ]
         return min(ahead) / 1000 if ahead else None
 
-    def _unreachable(self, exc: StateError, sent: float) -> None:
+    def _unreachable(self, exc: StateError) -> None:
         since = time.monotonic() - self._renewed_at
         self.log.error(
             f"cannot renew shard leases: {exc}",
@@ -297,7 +297,11 @@ class LeaseOwnership:
         every = self.duration_s / 3
         while True:
             self._next_expiry_s = None
-            reached = await self._pass() is not None
+            try:
+                reached = await self._pass() is not None
+            except Exception as exc:  # renewals must go on, whatever broke this pass
+                self.log.error(f"lease pass failed: {exc!r}", **self.fields)
+                reached = False
             delay = every if reached else min(every, 1.0)
             if self._next_expiry_s is not None:
                 delay = min(delay, self._next_expiry_s + EXPIRY_MARGIN_S)

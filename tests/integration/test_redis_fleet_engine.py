@@ -298,3 +298,37 @@ async def test_a_lease_handed_to_a_daemon_as_it_stops_is_passed_on(
         assert lease.owner is None  # free for the daemons that stay, not left to lapse
     finally:
         await store.close()
+
+
+async def test_the_lease_pass_goes_on_after_an_unexpected_error(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    store = RedisStore(redis_server.url, key_prefix=f"fleet-{uuid.uuid4().hex[:8]}:")
+    await store.open()
+
+    class Flaky:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.passes = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        async def lease_pass(self, *args: Any, **kw: Any) -> Any:
+            self.passes += 1
+            if self.passes == 1:
+                raise RuntimeError("a bug")
+            return await self.inner.lease_pass(*args, **kw)
+
+    logged = io.BytesIO()
+    flaky = Flaky(store.leases)
+    ownership = LeaseOwnership(store, flaky, "m", "a", duration_s=1, log=JsonLog(logged), fields={})
+    try:
+        await ownership.start(lambda: None)
+        await until(lambda: flaky.passes >= 3, 5, "passes after the error")
+        members = (await store.leases.lease_pass("m", "b", 1000, {}, member=True)).view.members
+        assert "a" in members
+        assert b"lease pass failed: RuntimeError('a bug')" in logged.getvalue()
+    finally:
+        await ownership.close()
+        await store.close()
