@@ -75,6 +75,12 @@ class StateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     key_prefix: str = "poller:"
 
 
+class FleetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # How long a shard lease lasts without renewal (renewed every third of it): a daemon that
+    # dies holds its shards this long at most before the others take them over.
+    lease_duration_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 10.0
+
+
 class AwsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     region: str = "us-east-1"
     endpoint_url: str | None = None
@@ -118,6 +124,7 @@ class FunctionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
     aws: AwsConfig = msgspec.field(default_factory=AwsConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     functions: list[FunctionConfig] = msgspec.field(default_factory=list)

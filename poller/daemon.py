@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from poller import metrics
 from poller.config import Config
 from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.health import is_problem, problem_text
+from poller.engine.lease_ownership import keep_membership
+from poller.engine.ownership import DAEMON_ID
 from poller.engine.runners import Runner, RunnerError, Services, build_runner
 from poller.logs import JsonLog
 from poller.mappings import Mapping, MappingError
@@ -269,8 +272,22 @@ class Daemon:
             http=config.daemon.http_listen,
             state=redact(config.state_url),
             functions=[f.name for f in config.functions],
+            daemon=DAEMON_ID,
         )
-        assert self.supervisor is not None
+        assert self.supervisor is not None and self.store is not None
+        membership = None
+        if self.store.leases is not None:
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "startedAt": time.time(),
+                "http": config.daemon.http_listen,
+            }
+            membership = loop.create_task(
+                keep_membership(
+                    self.store.leases, DAEMON_ID, config.fleet.lease_duration_s, info, self.log
+                )
+            )
         watcher = loop.create_task(self.supervisor.watch(self.stopping))
         systemd = Notifier(self.log)
         announce = loop.create_task(systemd.ready_when(self.supervisor.ready))
@@ -284,6 +301,10 @@ class Daemon:
         started = time.monotonic()
         await watcher
         await self.supervisor.stop_all(config.daemon.shutdown_grace_s)
+        if membership is not None:
+            membership.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await membership
         await self._close()
         self.log.info("poller daemon stopped", drain_s=round(time.monotonic() - started, 3))
         self.log.flush()

@@ -61,7 +61,13 @@ class Registry:
         mapping = await self.get(uuid)
         checkpoints = await self.store.list_checkpoints(uuid)
         status = await self.store.get_status(uuid)
-        reported = {s.get("shardId"): s for s in status.get("Shards") or []}
+        leases = self.store.leases
+        if leases is not None:
+            # A fleet: each shard as the daemon holding its lease reports it.
+            reports = await leases.shard_reports(uuid)
+        else:
+            reports = status.get("Shards") or []
+        reported = {s.get("shardId"): s for s in reports}
         shards = []
         for shard in sorted(set(checkpoints) | {k for k in reported if isinstance(k, str)}):
             report = reported.get(shard, {})

@@ -3,7 +3,7 @@
 One module per group of commands; importing them registers their commands on ``app``.
 """
 
-from poller.cli import dlq, mappings, run, send, status  # noqa: F401 - registers the commands
+from poller.cli import dlq, fleet, mappings, run, send, status  # noqa: F401 - registers the commands
 from poller.cli.common import app
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,12 +24,13 @@ from poller.engine.destinations import Destination, open_destination
 from poller.engine.filter_compiler import compile_filter_criteria
 from poller.engine.filtering import RecordFilter, decode_base64_json
 from poller.engine.health import SourceHealth
-from poller.engine.ownership import Ownership, StoreOwnership
+from poller.engine.lease_ownership import LeaseOwnership
+from poller.engine.ownership import DAEMON_ID, Ownership, StoreOwnership
 from poller.engine.runners import RunnerError, Services, source_context
 from poller.engine.shard import ShardProcessor
 from poller.logs import JsonLog
 from poller.mappings import Mapping
-from poller.metrics import MappingMetrics
+from poller.metrics import MappingMetrics, leases_held
 from poller.runtime.pool import FunctionPool
 from poller.sources.base import (
     LATEST,
@@ -48,11 +47,6 @@ from poller.state.base import StateError, StateStore
 DISCOVER_INTERVAL_S: Final = 10.0
 STATUS_INTERVAL_S: Final = 1.0
 _decode = msgspec.json.Decoder().decode
-
-
-def daemon_id() -> str:
-    """Who claims shards: unique per daemon process (host, pid, a random part)."""
-    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 @dataclass(slots=True)
@@ -108,7 +102,8 @@ class StreamRunner:
         self.health = SourceHealth(log, metrics, self.fields, on_status)
         self.processors: dict[str, ShardProcessor] = {}
         self.finished: set[str] = set()
-        # Shards another owner claimed since we did: not taken back (leases decide that).
+        # Shards let go because another owner claimed them since we did (for status; the
+        # ownership decides whether they are taken again).
         self.lost: set[str] = set()
         self._shards: list[Shard] = []
         self._started = asyncio.Event()
@@ -133,7 +128,10 @@ class StreamRunner:
             "concurrencyTarget": self._target(),
             "shards": [p.status() for p in self.processors.values()]
             + [{"shardId": shard, "state": "finished"} for shard in sorted(self.finished)]
-            + [{"shardId": shard, "state": "lost"} for shard in sorted(self.lost)],
+            + [
+                {"shardId": shard, "state": "lost"}
+                for shard in sorted(self.lost - set(self.processors))
+            ],
         }
 
     async def run(self) -> None:
@@ -169,10 +167,11 @@ class StreamRunner:
                 self.log.error(f"state store unavailable: {exc}", **self.fields)
                 await self._sleep(self.health.next_backoff())
                 continue
-            taken = set(self.processors) | self.lost
+            taken = set(self.processors)
             for shard in await self.ownership.take(startable(self._shards, self.finished, taken)):
                 processor = ShardProcessor(self, shard)
                 self.processors[shard.id] = processor
+                self.lost.discard(shard.id)
                 processor.start()
                 self.log.info(
                     "shard processor started",
@@ -188,16 +187,18 @@ class StreamRunner:
         written as they settle); what was read and not settled is read again next time."""
         self._stopping = True
         self._wake.set()
+        with contextlib.suppress(Exception):
+            await self.ownership.leaving()
         await asyncio.gather(*(p.stop(grace_s) for p in list(self.processors.values())))
         await asyncio.gather(*self._giving_back, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.ownership.close()
         if self._status_task is not None:
             self._status_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._status_task
         with contextlib.suppress(Exception):
             await self._write_status()
+        with contextlib.suppress(Exception):
+            await self.ownership.close()
         self.metrics.running.set(0)
         self.metrics.running_batches = 0
         self.metrics.flush()
@@ -264,9 +265,11 @@ class StreamRunner:
                 )
 
     async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
+        # Cleared once seen, not before waiting: a wake-up that came while the runner was busy
+        # (the ownership handing a shard over, say) must not wait for the next round.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def _report_status(self) -> None:
         """Each shard's checkpoint, iterator age and state, for `poller mappings get`."""
@@ -280,7 +283,7 @@ class StreamRunner:
                 last = shards
 
     async def _write_status(self) -> None:
-        await self.store.set_status(self.settings.uuid, {"Shards": self.status()["shards"]})
+        await self.ownership.report(self.status()["shards"])
 
 
 def _starting(mapping: Mapping) -> StartAt:
@@ -290,9 +293,6 @@ def _starting(mapping: Mapping) -> StartAt:
     if position == "AT_TIMESTAMP":
         return StartAt("at_timestamp", timestamp=mapping.starting_position_timestamp)
     return LATEST
-
-
-_OWNER: Final = daemon_id()
 
 
 def build_stream_runner(
@@ -339,15 +339,29 @@ def build_stream_runner(
         report_batch_item_failures=mapping.report_batch_item_failures,
         filter=record_filter,
         record_shape=spec.kind.record_shape,
-        owner=_OWNER,
+        owner=DAEMON_ID,
     )
+    store = services.store
+    ownership: Ownership | None = None
+    if store.leases is not None:
+        ownership = LeaseOwnership(
+            store,
+            store.leases,
+            mapping.uuid,
+            DAEMON_ID,
+            duration_s=services.config.fleet.lease_duration_s,
+            log=services.log,
+            fields={"mapping": mapping.uuid, "function": mapping.function_name},
+            held_gauge=leases_held.labels(mapping.uuid, mapping.function_name),
+        )
     return StreamRunner(
         settings,
         source,
         pool,
-        services.store,
+        store,
         log=services.log,
         metrics=MappingMetrics(mapping.uuid, mapping.function_name),
         destination=destination,
+        ownership=ownership,
         on_status=on_status,
     )

@@ -8,7 +8,10 @@ of ``Mapping.to_dict()``; the store does not interpret them beyond the ``uuid`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from poller.state.leases import LeaseStore
 
 
 class StateError(Exception):
@@ -40,6 +43,8 @@ class Claim:
 
 class StateStore(Protocol):
     url: str
+    # Shard leases for a fleet (the Redis store); None: one node owns every shard.
+    leases: LeaseStore | None
 
     async def open(self) -> None:
         """Connect and create what is missing (tables, keys). Raises StateError."""

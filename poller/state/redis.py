@@ -13,6 +13,7 @@ Keys, all under ``key_prefix`` (default ``poller:``) so several deployments can 
 * ``{p}checkpoints:{uuid}``: hash shard -> JSON ``{"position", "window", "owner", "token"}``:
   the last settled sequence number, the open tumbling window's state, and the claim the
   checkpoint may be written under (a Lua script compares the token and writes in one step).
+* Shard leases, the fleet's daemons and their shard reports: redis_leases.py.
 
 Each registry change also PUBLISHes the new revision on ``{p}registry``: an optional nudge for
 a daemon that would rather subscribe than poll.
@@ -36,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from poller.redaction import redact
 from poller.state.base import Checkpoint, Claim, StaleClaimError, StateError
+from poller.state.redis_leases import RedisLeases
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -59,12 +61,13 @@ redis.call('PUBLISH', ARGV[3], revision)
 return revision
 """
 
-# KEYS: mappings, order, revision, status, checkpoints. ARGV: uuid, channel.
+# KEYS: mappings, order, revision, then what belongs to the mapping (status, checkpoints,
+# leases...). ARGV: uuid, channel.
 # Returns 1 if the mapping existed (and is gone with what belonged to it), else 0.
 _DELETE_LUA: Final = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[4], KEYS[5])
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
 local revision = redis.call('INCR', KEYS[3])
 redis.call('PUBLISH', ARGV[2], revision)
 return 1
@@ -112,6 +115,7 @@ class RedisStore:
         self._mappings_key = f"{p}mappings"
         self._order_key = f"{p}mapping_order"
         self.channel = f"{p}registry"
+        self.leases = RedisLeases(self)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.where!r}, key_prefix={self.key_prefix!r})"
@@ -254,6 +258,7 @@ class RedisStore:
                     self._revision_key,
                     self._status_key(uuid),
                     self._checkpoints_key(uuid),
+                    *self.leases.keys_of(uuid),
                 ],
                 args=[uuid, self.channel],
                 client=client,

@@ -137,6 +137,9 @@ def parse_url(url: str, *, cwd: Path | None = None) -> Path | None:
 class SqliteStore:
     """StateStore on one SQLite file (see the module docstring for URLs and concurrency)."""
 
+    # One node owns every shard: no leases (engine/ownership.py's StoreOwnership).
+    leases = None
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.path: Path | None = parse_url(url)

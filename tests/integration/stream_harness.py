@@ -27,6 +27,7 @@ from poller.mappings import parse_event_source
 from poller.metrics import MappingMetrics
 from poller.runtime.pool import Runtime
 from poller.sources.base import TRIM_HORIZON, AwsDefaults, SourceContext
+from poller.state.base import StateStore
 from poller.state.sqlite import SqliteStore
 from tests.servers import RedisServer
 
@@ -200,8 +201,14 @@ class Harness:
 
     @contextlib.asynccontextmanager
     async def running(
-        self, store: SqliteStore | None = None, ownership: Any = None
+        self,
+        store: StateStore | None = None,
+        ownership: Any = None,
+        *,
+        owner: str | None = None,
+        wrap_source: Callable[[Any], Any] | None = None,
     ) -> AsyncIterator[StreamRunner]:
+        """A runner of mapping "m"; several (each with its ``owner``) may share a store."""
         (self.tmp / "stream_handlers.py").write_text(HANDLERS)
         function = FunctionConfig(
             name="f",
@@ -223,6 +230,8 @@ class Harness:
             spec = parse_event_source(self.uri, AwsDefaults(aws.region, aws.account))
             assert spec.kind.open is not None
             source = spec.kind.open(spec, context)
+        if wrap_source is not None:
+            source = wrap_source(source)
         settings = StreamSettings(
             uuid="m",
             function_name="f",
@@ -231,7 +240,7 @@ class Harness:
             batching_window_s=0,
             max_payload_bytes=6 * 1024 * 1024,
             starting=TRIM_HORIZON,
-            owner=f"test-{uuid.uuid4().hex[:6]}",
+            owner=owner or f"test-{uuid.uuid4().hex[:6]}",
             retry_first_s=0.05,
             retry_most_s=0.2,
         )

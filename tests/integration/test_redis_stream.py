@@ -403,6 +403,24 @@ async def test_at_timestamp_starts_at_the_first_record_of_that_time(
     assert [r["seq"] for r in h.handled()] == wanted
 
 
+async def test_resuming_from_the_start_of_an_untrimmed_key_reports_nothing_lost(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """TRIM_HORIZON pins "0-0" as the checkpoint; a shard resumed from there (a restart, or a
+    fleet handing it over, before its first record) has lost nothing if Redis never removed
+    an entry of the key."""
+    h = Harness(redis_server, tmp_path, keys=("pinned",))
+    await _fresh(redis_server, "pinned")
+    async with h.running() as runner:
+        await until(lambda: _position(runner, "pinned") == "0-0", 5, "the start pinned")
+    ids = await h.add("pinned", "one", "two")
+    async with h.running() as runner:
+        await until(lambda: len(h.handled()) == 2, 10, "both handled")
+        assert runner.metrics.records_lost._value.get() == 0  # type: ignore[attr-defined]
+    assert [r["seq"] for r in h.handled()] == ids
+    assert not any("dropped by the source" in r.get("message", "") for r in h.logs())
+
+
 async def test_trimmed_history_is_reported_and_reading_goes_on(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -441,6 +459,8 @@ async def test_a_later_claim_fences_an_earlier_owner(
             await h.add("f", "two")
             await until(lambda: "f" in runner.lost, 10, "the shard let go")
             assert runner.processors.get("f") is None
+            # Not taken back: its new owner has it.
+            assert await runner.ownership.take([Shard("f")]) == []
         assert any("refused" in r.get("message", "") for r in h.logs())
         checkpoints = await store.list_checkpoints("m")
         assert checkpoints["f"].position == h.handled()[0]["seq"]
@@ -569,3 +589,46 @@ async def _checkpoints(tmp: Path) -> dict[str, str | None]:
         return {k: v.position for k, v in (await store.list_checkpoints("m")).items()}
     finally:
         await store.close()
+
+
+class _RevokingMidPass(StoreOwnership):
+    """Takes a shard away while the runner is busy in its pass (inside take()), as a lease
+    pass running beside it does."""
+
+    def __init__(self, store: Any, settings: Any) -> None:
+        super().__init__(store, settings.uuid, settings.owner)
+        self.to_take_away: set[str] = set()
+        self.taken_away: set[str] = set()
+        self._on_change: Any = None
+
+    async def start(self, on_change: Any) -> None:
+        self._on_change = on_change
+
+    async def take(self, startable: Any) -> list[Any]:
+        if self.to_take_away:
+            self.taken_away |= self.to_take_away
+            self.to_take_away = set()
+            self._on_change()
+        return [s for s in startable if s.id not in self.taken_away]
+
+    def revoked(self) -> set[str]:
+        return set(self.taken_away)
+
+
+async def test_a_change_signalled_while_the_runner_is_busy_is_acted_on_at_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    h = Harness(redis_server, tmp_path, keys=("w",))
+    await _fresh(redis_server, "w")
+    made: list[_RevokingMidPass] = []
+
+    def ownership(store: Any, settings: Any) -> _RevokingMidPass:
+        made.append(_RevokingMidPass(store, settings))
+        return made[0]
+
+    async with h.running(ownership=ownership) as runner:
+        await until(lambda: "w" in runner.processors, 10, "w started")
+        made[0].to_take_away.add("w")
+        made[0]._on_change()
+        # Well within the runner's 10 s round: the wake-up from inside the pass was kept.
+        await until(lambda: "w" not in runner.processors, 3, "w let go")

@@ -33,6 +33,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.daemon.shutdown_grace_s == 30
     assert config.daemon.memory_mb >= 128
     assert config.state_url == f"sqlite:///{tmp_path}/.poller/state.db"
+    assert config.fleet.lease_duration_s == 10
 
 
 def test_relative_code_path_is_resolved_against_the_config_file(tmp_path: Path) -> None:
@@ -78,6 +79,9 @@ def test_relative_redis_ca_file_is_resolved_against_the_config_file(tmp_path: Pa
         ({"functions": [fn(code_path="a\x00b")]}, ["functions[0].code_path", "NUL"]),
         ({"daemon": {"log_level": "loud"}}, ["daemon.log_level", "debug, info"]),
         ({"daemon": {"reconcile_interval_s": 5}}, ["daemon.reconcile_interval_s"]),
+        ({"fleet": {"lease_duration_s": 0.5}}, ["fleet.lease_duration_s", ">= 1"]),
+        ({"fleet": {"lease_duration_s": 601}}, ["fleet.lease_duration_s", "<= 600"]),
+        ({"fleet": {"leases": 1}}, ["unknown key 'fleet.leases'"]),
     ],
 )
 def test_errors_name_file_and_key(data: dict[str, object], needles: list[str]) -> None:

@@ -325,6 +325,8 @@ class RedisShardReader:
             self._after = "0-0"
             self._reported_until = (0, 0)
             return 1
+        if info.get("entries-added") == info.get("length"):
+            return 0  # Redis 7 counts every entry ever added: none was removed
         # Redis keeps no count of what it trimmed. Two signs of unread entries gone: the oldest
         # entry is newer than our position (trimmed past it: MAXLEN, XTRIM), or an entry newer
         # than our position was deleted (XDEL; Redis 7 records the newest deleted id).
