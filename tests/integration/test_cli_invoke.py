@@ -209,5 +209,5 @@ def test_run_stops_on_a_bad_mapping_in_the_config_like_any_config_error(tmp_path
     )
     done = poller("run", "--config", str(path), cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.startswith(f"error: {path.resolve()}: mappings[0].batch_size: ")
+    assert done.stderr.startswith(f"error: {path.resolve()}:8: mappings[0].batch_size: ")
     assert done.stdout == ""
