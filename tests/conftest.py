@@ -156,3 +156,20 @@ def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> AwsEnv:
         current = os.environ.get(var, "")
         monkeypatch.setenv(var, ",".join(filter(None, [current, "127.0.0.1", "localhost"])))
     return env
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fault", "fault-injection rounds (tests/fault)")
+    group.addoption(
+        "--fault-rounds",
+        type=int,
+        default=2,
+        help="rounds per source (default 2; a long run: 50 or more)",
+    )
+    group.addoption(
+        "--fault-seed",
+        type=int,
+        default=None,
+        help="first seed; each round uses seed + its index (default: random)",
+    )
+    group.addoption("--fault-faults", type=int, default=3, help="faults injected per round")

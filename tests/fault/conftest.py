@@ -1,28 +1,12 @@
-"""Options of the fault rounds: how many per source (a few in the default run; many with
-``pytest -m fault --fault-rounds N``) and the seed that reproduces a run."""
+"""The seed of the fault rounds, printed so that a run can be replayed (the options,
+``--fault-rounds`` and the others, are in tests/conftest.py: pytest reads options only from
+conftest files it loads at start)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("fault", "fault-injection rounds (tests/fault)")
-    group.addoption(
-        "--fault-rounds",
-        type=int,
-        default=2,
-        help="rounds per source (default 2; a long run: 50 or more)",
-    )
-    group.addoption(
-        "--fault-seed",
-        type=int,
-        default=None,
-        help="first seed; each round uses seed + its index (default: random)",
-    )
-    group.addoption("--fault-faults", type=int, default=3, help="faults injected per round")
 
 
 @pytest.fixture(scope="session")
