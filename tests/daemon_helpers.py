@@ -32,7 +32,12 @@ class DaemonProcess:
             cwd=self.config.parent,
         )
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                # Never leave a daemon behind a failed test: it would keep its ports and servers.
+                self.stop(signal.SIGKILL)
+                raise
 
     def http(self, path: str) -> tuple[int, str]:
         try:
