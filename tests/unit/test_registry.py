@@ -89,7 +89,6 @@ async def test_upsert_declared_matches_by_name(registry: Registry) -> None:
     [
         ("arn:aws:kinesis:us-east-1:123456789012:stream/s", "Kinesis"),
         ("arn:aws:dynamodb:us-east-1:123456789012:table/Tbl/stream/2024", "DynamoDB"),
-        ("kafka://b:9092/t", "Kafka"),
     ],
 )
 async def test_a_source_without_a_runner_is_refused_by_kind(
