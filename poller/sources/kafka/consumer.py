@@ -35,7 +35,8 @@ from poller.sources.base import StartAt, StreamRecord
 from poller.sources.kafka.records import RecordEncoder
 
 POLL_TIMEOUT_MS: Final = 100  # how long a poll waits; commands wait at most this long
-LAG_INTERVAL_S: Final = 2.0  # how often the log end offsets are asked for (OffsetLag)
+LAG_INTERVAL_S: Final = 2.0
+UNLIMITED_POLL_RECORDS: Final = 1 << 30  # how often the log end offsets are asked for (OffsetLag)
 
 
 class Sink(Protocol):
@@ -169,6 +170,10 @@ class ConsumerThread:
                 # Used only when a committed offset is gone (retention): the oldest still
                 # there, as Kinesis does with expired records.
                 auto_offset_reset="earliest",
+                # Every poll takes all the fetcher holds: kafka-python 3.0 parks the records of
+                # a partition paused while half-read, and once any poll has returned records it
+                # never gives them back, so with a limit here a paused partition stalled for good.
+                max_poll_records=UNLIMITED_POLL_RECORDS,
                 **self.options,
             )
             self.consumer.subscribe(self.topics, listener=_Listener(self))
@@ -266,7 +271,12 @@ class ConsumerThread:
         assigned = list(consumer.assignment())
         if not assigned:
             return
+        # Both are the log end offset as seen at some moment, never past the true one: the
+        # highwater comes with every fetch (stale while a partition is paused), end_offsets asks
+        # the broker (tansu answers it with the base offset of the last batch + 1).
         ends = consumer.end_offsets(assigned)
+        for tp in assigned:
+            ends[tp] = max(ends.get(tp) or 0, consumer.highwater(tp) or 0)
         self._post(
             self.sink.on_end_offsets, {f"{tp.topic}-{tp.partition}": e for tp, e in ends.items()}
         )
