@@ -127,7 +127,8 @@ DestinationOption = Annotated[
     str | None,
     typer.Option(
         help='JSON: {"OnFailure": {"Destination": URI}} where URI is an SQS queue, sqs://NAME, '
-        "redis-queue://..., local://NAME or file://PATH (streams); an empty Destination "
+        "redis-queue://..., local://NAME or file://PATH (streams), or a Kafka topic, "
+        "kafka://TOPIC or kafka://HOST:PORT/TOPIC (Kafka sources); an empty Destination "
         "removes it.",
         show_default=False,
     ),

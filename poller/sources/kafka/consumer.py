@@ -34,7 +34,7 @@ from kafka.structs import OffsetAndMetadata
 from poller.sources.base import StartAt, StreamRecord
 from poller.sources.kafka.records import RecordEncoder
 
-POLL_TIMEOUT_MS: Final = 100  # how long a poll waits; commands wait at most this long
+POLL_TIMEOUT_MS: Final = 20  # how long a poll waits; commands wait at most this long
 LAG_INTERVAL_S: Final = 2.0
 UNLIMITED_POLL_RECORDS: Final = 1 << 30  # how often the log end offsets are asked for (OffsetLag)
 

@@ -33,9 +33,11 @@ if TYPE_CHECKING:
     from poller.sources.base import StreamRecord
     from poller.sources.kafka import KafkaSpec
 
-# A reader pauses its partition with this many batches buffered, and resumes it below half.
-BUFFERED_BATCHES: Final = 4
-MIN_BUFFER: Final = 500
+# A reader pauses its partition with this many batches buffered (at least MIN_BUFFER records),
+# and resumes it below half: enough left that the batches keep flowing while the consumer
+# thread gets to the resume (it applies commands between polls) and the next fetch comes back.
+BUFFERED_BATCHES: Final = 8
+MIN_BUFFER: Final = 2000
 RESTART_BACKOFF_S: Final = 2.0
 MIN_WAIT_S: Final = 0.05
 # What is left of the group's rebalance timeout (max_poll_interval_ms) for the handover: a
