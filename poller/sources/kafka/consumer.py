@@ -142,7 +142,8 @@ class ConsumerThread:
         net = consumer._net
 
         def release() -> None:
-            net.call_soon_with_future(lambda: done.is_done or done.success(None))
+            with contextlib.suppress(Exception):  # the consumer closed meanwhile: nobody waits
+                net.call_soon_with_future(lambda: done.is_done or done.success(None))
 
         shards = {f"{tp.topic}-{tp.partition}" for tp in partitions}
         self.loop.call_soon_threadsafe(self.sink.on_revoking, shards, release, lost)
