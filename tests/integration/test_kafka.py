@@ -7,6 +7,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from tests.integration.kafka_harness import (
     KafkaHarness,
@@ -299,3 +300,38 @@ async def test_offset_lag_is_reported_and_falls_to_zero(
         assert per_partition == [0, 0]
         assert metrics.offset_lag_max._value.get() == 0  # type: ignore[attr-defined]
     assert max(seen) <= 80
+
+
+async def test_a_revoked_partition_settles_and_commits_its_batch_before_it_is_released(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A second member joins while batches of both partitions are in the handler: the first
+    lets them finish and commits them before handing a partition over, so the new owner does
+    not run them again (no record is handled twice)."""
+    topic, group = unique("handover"), unique("group")
+    create_topic(kafka_bootstrap, topic, 2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    common: dict[str, Any] = {
+        "group": group,
+        "environment": {"SLEEP": "1.5"},
+        "settings": {"batch_size": 1},
+    }
+    a = KafkaHarness(kafka_bootstrap, tmp_path / "a", topic, **common)
+    b = KafkaHarness(kafka_bootstrap, tmp_path / "b", topic, **common)
+    for partition in (0, 1):
+        a.produce([(None, f"p{partition}-{i}") for i in range(4)], partition=partition)
+
+    def handled() -> list[tuple[str, int]]:
+        return [(r["shard"], r["offset"]) for r in a.handled() + b.handled()]
+
+    async with a.running() as first:
+        await until(lambda: len(first.processors) == 2 and a.handled(), 30, "a busy on both")
+        async with b.running() as second:
+            await until(lambda: len(handled()) >= 8, 60, "every record handled")
+            await until(
+                lambda: committed(kafka_bootstrap, group, topic, 2) == {0: 4, 1: 4}, 30, "4, 4"
+            )
+            assert len(first.processors) == 1 and len(second.processors) == 1
+    assert sorted(handled()) == sorted(set(handled()))  # none twice
+    assert any("before handing them over" in r.get("message", "") for r in a.logs())
