@@ -71,6 +71,8 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ROOT / "bench" / "peers_apps"
+# bench/ itself off the path: bench/kafka.py would stand in for kafka-python.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(APPS))
 

@@ -103,6 +103,59 @@ class RedisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ca_file: str | None = None
 
 
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class KafkaClientConfig(
+    msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True
+):
+    """How poller connects to a Kafka cluster: security, and the consumer's group timings.
+
+    Every key may be left out: ``[kafka]`` gives the defaults, ``[kafka.mappings.NAME]`` (a
+    mapping's name or UUID) overrides them for one mapping. Passwords are never in the file:
+    ``sasl_password_env`` and ``ssl_key_password_env`` name environment variables.
+    """
+
+    security_protocol: str | None = None  # PLAINTEXT (default), SSL, SASL_PLAINTEXT, SASL_SSL
+    sasl_mechanism: str | None = None  # PLAIN (default with SASL), SCRAM-SHA-256, SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password_env: str | None = None
+    ssl_ca_file: str | None = None  # PEM of the CA that signed the brokers' certificates
+    ssl_cert_file: str | None = None  # client certificate (mutual TLS)
+    ssl_key_file: str | None = None
+    ssl_key_password_env: str | None = None
+    ssl_check_hostname: bool | None = None
+    session_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] | None = None
+    heartbeat_interval_ms: Annotated[int, msgspec.Meta(ge=100)] | None = None
+    max_poll_interval_ms: Annotated[int, msgspec.Meta(ge=1000)] | None = None
+    fetch_max_wait_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    request_timeout_ms: Annotated[int, msgspec.Meta(ge=1000)] | None = None
+    client_id: str | None = None
+
+
+class KafkaConfig(KafkaClientConfig, forbid_unknown_fields=True, kw_only=True):
+    mappings: dict[str, KafkaClientConfig] = msgspec.field(default_factory=dict)
+
+    def for_mapping(self, *keys: str | None) -> KafkaClientConfig:
+        """The settings of the mapping known by any of ``keys`` (name, UUID): its own
+        ``[kafka.mappings.KEY]`` over ``[kafka]``."""
+        merged = {
+            f: getattr(self, f)
+            for f in KafkaClientConfig.__struct_fields__
+            if getattr(self, f) is not None
+        }
+        for key in keys:
+            override = self.mappings.get(key) if key else None
+            if override is not None:
+                for f in KafkaClientConfig.__struct_fields__:
+                    value = getattr(override, f)
+                    if value is not None:
+                        merged[f] = value
+                break
+        return KafkaClientConfig(**merged)
+
+
 class FunctionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
     handler: Annotated[str, msgspec.Meta(min_length=1)]
@@ -127,6 +180,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
     aws: AwsConfig = msgspec.field(default_factory=AwsConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     functions: list[FunctionConfig] = msgspec.field(default_factory=list)
     # Validated by poller.mappings, which owns the parameter rules.
     mappings: list[dict[str, Any]] = msgspec.field(default_factory=list)
@@ -193,6 +247,7 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
     if config.redis.ca_file:
         # Relative to the config file, like code_path: the daemon may run from anywhere.
         config.redis.ca_file = str((base / config.redis.ca_file).resolve())
+    _check_kafka(config.kafka, path, base)
     names: set[str] = set()
     for index, fn in enumerate(config.functions):
         if fn.name in names:
@@ -242,6 +297,63 @@ def _paths(config: Config) -> list[tuple[str, str]]:
     paths = [("redis.ca_file", config.redis.ca_file or "")]
     paths += [(f"functions[{i}].code_path", fn.code_path) for i, fn in enumerate(config.functions)]
     return paths
+
+
+def _check_kafka(kafka: KafkaConfig, path: str, base: Path) -> None:
+    """Names and combinations of the [kafka] settings; certificate files made absolute
+    (relative to the config file, like code_path)."""
+    sections: list[tuple[str, KafkaClientConfig]] = [("kafka", kafka)]
+    sections += [(f"kafka.mappings.{key}", c) for key, c in kafka.mappings.items()]
+    for where, section in sections:
+        protocol = section.security_protocol
+        if protocol is not None and protocol not in KAFKA_PROTOCOLS:
+            raise ConfigError(
+                f"{path}: invalid value for '{where}.security_protocol': {protocol!r}; "
+                f"expected one of {', '.join(KAFKA_PROTOCOLS)}"
+            )
+        mechanism = section.sasl_mechanism
+        if mechanism is not None and mechanism not in KAFKA_MECHANISMS:
+            raise ConfigError(
+                f"{path}: invalid value for '{where}.sasl_mechanism': {mechanism!r}; "
+                f"expected one of {', '.join(KAFKA_MECHANISMS)}"
+            )
+        for key in ("ssl_ca_file", "ssl_cert_file", "ssl_key_file"):
+            value = getattr(section, key)
+            if value:
+                setattr(section, key, str((base / value).resolve()))
+    for key in kafka.mappings:
+        effective = kafka.for_mapping(key)
+        protocol = effective.security_protocol or "PLAINTEXT"
+        where = f"kafka.mappings.{key}"
+        _check_kafka_combination(effective, protocol, path, where)
+    _check_kafka_combination(kafka, kafka.security_protocol or "PLAINTEXT", path, "kafka")
+
+
+def _check_kafka_combination(
+    section: KafkaClientConfig, protocol: str, path: str, where: str
+) -> None:
+    if protocol.startswith("SASL_"):
+        if not section.sasl_username or not section.sasl_password_env:
+            raise ConfigError(
+                f"{path}: '{where}': security_protocol {protocol} needs sasl_username and "
+                "sasl_password_env (the name of the environment variable holding the password)"
+            )
+    elif section.sasl_mechanism or section.sasl_username or section.sasl_password_env:
+        raise ConfigError(
+            f"{path}: '{where}': sasl_* settings need security_protocol SASL_PLAINTEXT or "
+            f"SASL_SSL (it is {protocol})"
+        )
+    if not protocol.endswith("SSL") and (
+        section.ssl_ca_file or section.ssl_cert_file or section.ssl_key_file
+    ):
+        raise ConfigError(
+            f"{path}: '{where}': ssl_* files need security_protocol SSL or SASL_SSL "
+            f"(it is {protocol})"
+        )
+    if bool(section.ssl_cert_file) != bool(section.ssl_key_file):
+        raise ConfigError(
+            f"{path}: '{where}': a client certificate needs both ssl_cert_file and ssl_key_file"
+        )
 
 
 def _check_mappings(entries: list[dict[str, Any]], path: str) -> None:

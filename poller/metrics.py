@@ -368,10 +368,13 @@ class MappingMetrics:
         "invoked_count",
         "iterator_age_max",
         "mapping",
+        "offset_lag_max",
+        "offset_lag_sum",
         "ok_count",
         "polled",
         "polled_count",
         "problem",
+        "rebalances",
         "records_lost",
         "running",
         "running_batches",
@@ -406,6 +409,9 @@ class MappingMetrics:
         self.destination_failures = destination_failures.labels(*labels)
         self.bisected = batches_bisected.labels(*labels)
         self.records_lost = records_expired.labels(*labels)
+        self.offset_lag_sum = kafka_offset_lag_sum.labels(*labels)
+        self.offset_lag_max = kafka_offset_lag_max.labels(*labels)
+        self.rebalances = kafka_rebalances.labels(*labels)
         # Children with one more label (outcome, operation, shard, reason), made when first used.
         self._extra: dict[tuple[Any, str], Any] = {}
         # Totals since creation (the engine adds to them) and what flush() has handed on.
@@ -458,6 +464,16 @@ class MappingMetrics:
     def millis_behind(self, shard: str) -> Gauge:
         child: Gauge = self._labelled(millis_behind_latest, shard)
         return child
+
+    def offset_lag(self, partition: str) -> Gauge:
+        child: Gauge = self._labelled(kafka_offset_lag, partition)
+        return child
+
+    def drop_offset_lag(self, partition: str) -> None:
+        """Stop exporting a partition's lag: it went to another member of the group."""
+        if self._extra.pop((kafka_offset_lag, partition), None) is not None:
+            with contextlib.suppress(KeyError):
+                kafka_offset_lag.remove(self.mapping, self.function, partition)
 
     def on_failure_delivered(self, reason: str) -> Counter:
         child: Counter = self._labelled(on_failure_delivered, reason)

@@ -127,7 +127,8 @@ DestinationOption = Annotated[
     str | None,
     typer.Option(
         help='JSON: {"OnFailure": {"Destination": URI}} where URI is an SQS queue, sqs://NAME, '
-        "redis-queue://..., local://NAME or file://PATH (streams); an empty Destination "
+        "redis-queue://..., local://NAME or file://PATH (streams), or a Kafka topic, "
+        "kafka://TOPIC or kafka://HOST:PORT/TOPIC (Kafka sources); an empty Destination "
         "removes it.",
         show_default=False,
     ),
@@ -188,6 +189,21 @@ def mappings_create(
     maximum_retry_attempts: RetryAttempts = None,
     maximum_record_age_in_seconds: RecordAge = None,
     tumbling_window_in_seconds: TumblingWindow = None,
+    topics: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Kafka: the topic to read (default: the topic in the kafka:// URI).",
+            show_default=False,
+        ),
+    ] = None,
+    self_managed_kafka_event_source_config: Annotated[
+        str | None,
+        typer.Option(
+            help='Kafka: JSON {"ConsumerGroupId": "..."} (default: the mapping UUID); fixed '
+            "once created.",
+            show_default=False,
+        ),
+    ] = None,
     enabled: Annotated[
         bool,
         typer.Option(
@@ -205,9 +221,21 @@ def mappings_create(
 ) -> None:
     """Create a mapping; prints it as AWS does (with its UUID)."""
     cfg = load(config)
+    kafka_config = json_option(
+        self_managed_kafka_event_source_config, "--self-managed-kafka-event-source-config"
+    )
+    if kafka_config is not None and (
+        not isinstance(kafka_config, dict) or set(kafka_config) - {"ConsumerGroupId"}
+    ):
+        raise fail(
+            '--self-managed-kafka-event-source-config must be {"ConsumerGroupId": "..."}; '
+            f"got {self_managed_kafka_event_source_config!r}"
+        )
     params = _params(
         function_name=function_name,
         event_source_arn=event_source_arn,
+        topics=topics or None,
+        consumer_group_id=(kafka_config or {}).get("ConsumerGroupId"),
         batch_size=batch_size,
         maximum_batching_window_in_seconds=maximum_batching_window_in_seconds,
         function_response_types=function_response_types or None,

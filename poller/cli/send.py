@@ -36,6 +36,16 @@ def send(
             show_default=False,
         ),
     ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="Kafka: the key of every record (it picks the partition).", show_default=False
+        ),
+    ] = None,
+    header: Annotated[
+        list[str] | None,
+        typer.Option(help="Kafka: a record header, NAME=VALUE (repeatable).", show_default=False),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Put test messages on a source, in batches, with a progress bar for large sends."""
@@ -69,15 +79,28 @@ def send(
     if open_sender is None:
         raise fail(f"{spec.kind.name} sources cannot be sent to with this version of poller")
     ordered = spec.kind.family != "queue"
+    kafka = spec.kind.family == "kafka"
     if ordered and (delay_seconds or group_id):
         raise fail("--delay-seconds and --group-id are for queues; a stream takes --partition-key")
     if not ordered and partition_key is not None:
         raise fail("--partition-key is for streams; a queue takes --group-id (FIFO queues)")
-    options: dict[str, Any] = (
-        {"partition_key": partition_key}
-        if ordered
-        else {"delay_s": delay_seconds, "group": group_id}
-    )
+    if kafka and partition_key is not None:
+        raise fail("--partition-key is for streams; a Kafka record takes --key")
+    if not kafka and (key is not None or header):
+        raise fail("--key and --header are for Kafka topics")
+    headers = []
+    for item in header or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise fail(f"--header must be NAME=VALUE; got {item!r}")
+        headers.append((name, value))
+    options: dict[str, Any]
+    if kafka:
+        options = {"key": key, "headers": headers}
+    elif ordered:
+        options = {"partition_key": partition_key}
+    else:
+        options = {"delay_s": delay_seconds, "group": group_id}
 
     def all_bodies() -> Any:
         for _ in range(count):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
@@ -63,13 +64,20 @@ class Batch(Generic[R]):
         return self.overhead + record.size > self.max_bytes
 
 
-def parse_batch_item_failures(payload: bytes, ids: set[str]) -> set[str] | None:
+# Turns an itemIdentifier of a source's own form into the id it names (None: not valid).
+Identify = Callable[[Any], str | None]
+
+
+def parse_batch_item_failures(
+    payload: bytes, ids: set[str], identify: Identify | None = None
+) -> set[str] | None:
     """The messageIds a ReportBatchItemFailures response lists as failed.
 
     Returns an empty set for complete success (null, {}, an empty or null list) and None when
     the response is invalid, which Lambda treats as a complete failure (ESM_SEMANTICS.md §3.4):
     not JSON, not an object, an itemIdentifier that is missing, empty, null, not a string, or
-    not one of the batch's messageIds.
+    not one of the batch's messageIds. ``identify`` reads identifiers that are not strings
+    (Kafka's ``{"partition": "TOPIC-N", "offset": N}``, §5.3).
     """
     try:
         response: Any = _decode(payload) if payload.strip() else None
@@ -89,6 +97,8 @@ def parse_batch_item_failures(payload: bytes, ids: set[str]) -> set[str] | None:
         if not isinstance(item, dict):
             return None
         identifier = item.get("itemIdentifier")
+        if identify is not None:
+            identifier = identify(identifier)
         if not isinstance(identifier, str) or not identifier or identifier not in ids:
             return None
         failed.add(identifier)
@@ -99,7 +109,7 @@ MISSING = object()  # a response without the member asked for
 
 
 def parse_stream_response(
-    payload: bytes, sequences: set[str], *, with_state: bool
+    payload: bytes, sequences: set[str], *, with_state: bool, identify: Identify | None = None
 ) -> tuple[set[str] | None, Any]:
     """(failed sequence numbers, state) of an ordered mapping's response.
 
@@ -107,7 +117,7 @@ def parse_stream_response(
     complete failure). ``state`` is the tumbling window's new state when ``with_state``:
     MISSING when the response has none, which Lambda treats as a failure (§4.6).
     """
-    failed = parse_batch_item_failures(payload, sequences)
+    failed = parse_batch_item_failures(payload, sequences, identify)
     if not with_state:
         return failed, None
     try:

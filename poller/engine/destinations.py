@@ -2,7 +2,9 @@
 
 ``DestinationConfig.OnFailure.Destination`` may name any queue poller can send to (an SQS
 queue ARN or URL, ``sqs://NAME``, ``redis-queue://...``, ``local://NAME``: the record is one
-message, its body the JSON) or ``file://PATH`` (one JSON line per record, appended and synced).
+message, its body the JSON), ``file://PATH`` (one JSON line per record, appended and synced),
+or, for a Kafka mapping, a Kafka topic (``kafka://HOST:PORT/TOPIC``, or ``kafka://TOPIC`` on the
+source's cluster), which gets Lambda's message per record (sources/kafka/producer.py).
 A send that fails raises SourceError; the engine keeps the shard waiting and tries again, so a
 destination that is down holds the shard instead of dropping records.
 """
@@ -11,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
-from poller.sources.base import AwsDefaults, SourceContext, SourceError
+from poller.sources.base import AwsDefaults, SourceContext, SourceError, SourceSpec
 from poller.sources.kinds import parse_source
 
 _encode = msgspec.json.Encoder().encode
@@ -79,11 +82,41 @@ class FileDestination:
         """Nothing stays open between sends."""
 
 
-def open_destination(uri: str, context: SourceContext) -> Destination:
-    """The destination for a validated DestinationConfig URI."""
+def _iso_ms(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+def failure_batch_info(source: Any, shard_id: str, records: list[Any]) -> dict[str, Any]:
+    """The batch description of an on-failure record: the source's own where it has one
+    (Kafka's KafkaBatchInfo, §5.4), else Kinesis's (§4.5)."""
+    describe = getattr(source, "batch_info", None)
+    if describe is not None:
+        info: dict[str, Any] = describe(shard_id, records)
+        return info
+    first, last = records[0], records[-1]
+    return {
+        "shardId": shard_id,
+        "startSequenceNumber": first.sequence,
+        "endSequenceNumber": last.sequence,
+        "approximateArrivalOfFirstRecord": _iso_ms(first.arrival),
+        "approximateArrivalOfLastRecord": _iso_ms(last.arrival),
+        "batchSize": len(records),
+        "streamArn": source.stream_arn,
+    }
+
+
+def open_destination(
+    uri: str, context: SourceContext, source: SourceSpec | None = None
+) -> Destination:
+    """The destination for a validated DestinationConfig URI (``source``: the mapping's own,
+    which ``kafka://TOPIC`` writes to)."""
     if uri.startswith("file://"):
         path = Path(uri[len("file://") :])
         return FileDestination(path if path.is_absolute() else context.config.base_dir / path)
+    if uri.startswith("kafka://"):
+        from poller.sources.kafka.producer import open_kafka_destination
+
+        return open_kafka_destination(uri, context, source)
     aws = context.config.aws
     spec = parse_source(uri, AwsDefaults(aws.region, aws.account))
     opener = spec.kind.open_sender

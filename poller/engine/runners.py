@@ -60,15 +60,24 @@ def _factories() -> dict[Family, Factory]:
     from poller.engine.queue import build_queue_runner
     from poller.engine.stream import build_stream_runner
 
-    return {Family.QUEUE: build_queue_runner, Family.STREAM: build_stream_runner}
+    # Kafka's partitions are shards: the stream engine runs it, with the consumer group as
+    # its ownership (the source brings it, see build_stream_runner).
+    return {
+        Family.QUEUE: build_queue_runner,
+        Family.STREAM: build_stream_runner,
+        Family.KAFKA: build_stream_runner,
+    }
 
 
-def source_context(services: Services, mapping_uuid: str | None) -> SourceContext:
+def source_context(
+    services: Services, mapping_uuid: str | None, mapping: Mapping | None = None
+) -> SourceContext:
     return SourceContext(
         config=services.config,
         store=services.store,
         log=services.log,
         mapping_uuid=mapping_uuid,
+        mapping=mapping,
     )
 
 

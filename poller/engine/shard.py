@@ -23,9 +23,9 @@ import msgspec
 
 from poller.engine import attempts
 from poller.engine.attempts import Work
-from poller.engine.batching import MISSING, Batch, parse_stream_response
+from poller.engine.batching import MISSING, Batch, Identify, parse_stream_response
 from poller.engine.checkpoints import SHARD_END, ShardProgress
-from poller.engine.destinations import send_failure
+from poller.engine.destinations import failure_batch_info, send_failure
 from poller.engine.health import FUNCTION_FAILED, invoke_failure
 from poller.engine.shard_reading import ShardReading
 from poller.engine.windows import Window, too_big, window_of
@@ -44,10 +44,6 @@ _decode = msgspec.json.Decoder().decode
 
 class Stopped(Exception):
     """The shard is being let go: what is not settled is read again from the checkpoint."""
-
-
-def _iso_ms(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
 
 
 class _Lane:
@@ -86,6 +82,17 @@ class ShardProcessor(ShardReading):
         self._writing = asyncio.Lock()
         self._reader: Any = None
         self._fields = {**runner.fields, "shard": shard.id}
+        # What a source with events of its own shape (Kafka's, §7.5) says about them: the
+        # event around one batch of the shard, its identifiers in batchItemFailures, its
+        # description of records given up on.
+        source = runner.source
+        envelope = getattr(source, "envelope", None)
+        self._head, self._tail = envelope(shard.id) if envelope else (b'{"Records":[', b"]")
+        self._closing = b"" if envelope else b"}"
+        item_sequence = getattr(source, "item_sequence", None)
+        self._identify: Identify | None = (
+            (lambda identifier: item_sequence(shard.id, identifier)) if item_sequence else None
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -250,7 +257,11 @@ class ShardProcessor(ShardReading):
                 timeout = max(self.window.end - time.time(), 0.05)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lane.wake.wait(), timeout)
-        batch: Batch[StreamRecord] = Batch(settings.batch_size, settings.max_payload_bytes)
+        batch: Batch[StreamRecord] = Batch(
+            settings.batch_size,
+            settings.max_payload_bytes,
+            len(self._head) + len(self._tail) + len(self._closing),
+        )
         deadline = time.monotonic() + settings.batching_window_s
         while True:
             queue = lane.queue
@@ -383,7 +394,13 @@ class ShardProcessor(ShardReading):
                 final=final,
                 terminated_early=False,
             )
-        event = b'{"Records":[' + b",".join([r.encoded for r in records]) + b"]" + members + b"}"
+        event = (
+            self._head
+            + b",".join([r.encoded for r in records])
+            + self._tail
+            + members
+            + self._closing
+        )
         count = len(records)
         metrics.invoked_count += count
         metrics.batch_size.observe(count)
@@ -428,7 +445,10 @@ class ShardProcessor(ShardReading):
         state: Any = None
         if settings.report_batch_item_failures or self.windowed:
             failed, state = parse_stream_response(
-                result.payload, {r.sequence for r in records}, with_state=self.windowed
+                result.payload,
+                {r.sequence for r in records},
+                with_state=self.windowed,
+                identify=self._identify,
             )
             if not settings.report_batch_item_failures and failed is not None:
                 failed = set()
@@ -512,18 +532,15 @@ class ShardProcessor(ShardReading):
             function_error=function_error,
             invoked=invoked,
             batch_info_key=runner.source.batch_info_key,
-            batch_info={
-                "shardId": self.shard.id,
-                "startSequenceNumber": first.sequence,
-                "endSequenceNumber": last.sequence,
-                "approximateArrivalOfFirstRecord": _iso_ms(first.arrival),
-                "approximateArrivalOfLastRecord": _iso_ms(last.arrival),
-                "batchSize": len(records),
-                "streamArn": runner.source.stream_arn,
-            },
+            batch_info=failure_batch_info(runner.source, self.shard.id, records),
             timestamp=timestamp(),
         )
         destination = runner.destination
+        if getattr(destination, "wants_payload", False):
+            # A destination that writes the records themselves (a Kafka topic, §5.4).
+            record["payload"] = _decode(
+                self._head + b",".join([r.encoded for r in records]) + self._tail + self._closing
+            )
         if destination is None:
             runner.metrics.dropped(condition).inc(len(records))
             runner.log.error(

@@ -35,6 +35,7 @@ from poller.runtime.pool import FunctionPool
 from poller.sources.base import (
     LATEST,
     TRIM_HORIZON,
+    Family,
     Shard,
     SourceError,
     SourceSpec,
@@ -45,6 +46,7 @@ from poller.sources.base import (
 from poller.state.base import StateError, StateStore
 
 DISCOVER_INTERVAL_S: Final = 10.0
+KAFKA_RETRIES_WITH_DESTINATION: Final = 10
 STATUS_INTERVAL_S: Final = 1.0
 _decode = msgspec.json.Decoder().decode
 
@@ -230,8 +232,15 @@ class StreamRunner:
         """Whether a record passes the mapping's filters (§11.3: Kinesis-shaped records on
         ``data``, decoded from base64, with the other ``kinesis`` members as metadata)."""
         decoded = _decode(record.encoded)
-        if self.settings.record_shape == "kinesis":
+        shape = self.settings.record_shape
+        if shape == "kinesis":
             return record_filter.matches_decoded(decoded["kinesis"], "data", decode_base64_json)
+        if shape == "kafka":
+            # §11.3-11.4: ``value`` as JSON or UTF-8 text; a value of the other form matches
+            # on the record's metadata only, it is not dropped for that.
+            return record_filter.matches_decoded(
+                decoded, "value", decode_base64_json, on_mismatch="ignore"
+            )
         return record_filter.matches(decoded)
 
     # -- internals ---------------------------------------------------------------------------
@@ -305,7 +314,7 @@ def build_stream_runner(
     """The runner of an ordered mapping."""
     opener = spec.kind.open
     assert opener is not None, "build_runner starts only runnable kinds"
-    context = source_context(services, mapping.uuid)
+    context = source_context(services, mapping.uuid, mapping)
     try:
         source: StreamSource = opener(spec, context)
         record_filter = (
@@ -316,11 +325,15 @@ def build_stream_runner(
             else None
         )
         target = mapping.on_failure_destination
-        destination = open_destination(target, context) if target else None
+        destination = open_destination(target, context, spec) if target else None
     except (SourceError, ValueError) as exc:
         raise RunnerError(str(exc)) from None
     age = mapping.maximum_record_age_in_seconds
     aws = services.config.aws
+    retries = -1 if mapping.maximum_retry_attempts is None else mapping.maximum_retry_attempts
+    if retries < 0 and destination is not None and spec.kind.family is Family.KAFKA:
+        # Lambda's rule for Kafka: infinite retries with an on-failure destination means 10.
+        retries = KAFKA_RETRIES_WITH_DESTINATION
     settings = StreamSettings(
         uuid=mapping.uuid,
         function_name=mapping.function_name,
@@ -331,9 +344,7 @@ def build_stream_runner(
         starting=_starting(mapping),
         parallelization_factor=mapping.parallelization_factor or 1,
         bisect=bool(mapping.bisect_batch_on_function_error),
-        max_retries=-1
-        if mapping.maximum_retry_attempts is None
-        else mapping.maximum_retry_attempts,
+        max_retries=retries,
         max_record_age_s=None if age is None or age < 0 else float(age),
         tumbling_window_s=mapping.tumbling_window_in_seconds or 0,
         report_batch_item_failures=mapping.report_batch_item_failures,
@@ -342,8 +353,15 @@ def build_stream_runner(
         owner=DAEMON_ID,
     )
     store = services.store
+    metrics = MappingMetrics(mapping.uuid, mapping.function_name)
+    # A source whose service decides who processes which shard and keeps the checkpoints
+    # (Kafka's consumer groups and committed offsets) brings its own ownership; otherwise a
+    # store with leases (Redis) shares the shards among a fleet.
+    own = getattr(source, "ownership", None)
     ownership: Ownership | None = None
-    if store.leases is not None:
+    if own is not None:
+        ownership = own(settings, metrics)
+    elif store.leases is not None:
         ownership = LeaseOwnership(
             store,
             store.leases,
@@ -360,7 +378,7 @@ def build_stream_runner(
         pool,
         store,
         log=services.log,
-        metrics=MappingMetrics(mapping.uuid, mapping.function_name),
+        metrics=metrics,
         destination=destination,
         ownership=ownership,
         on_status=on_status,

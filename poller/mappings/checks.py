@@ -161,7 +161,7 @@ def check_scaling_config(
 _UNSENDABLE_ARN = re.compile(r"^arn:aws(?:-[a-z]+)*:(?P<service>sns|s3):")
 DESTINATION_FORMS = (
     "an SQS queue ARN or URL, sqs://NAME, redis-queue://..., local://NAME, file://PATH, "
-    "or kafka://TOPIC (Kafka sources)"
+    "or kafka://TOPIC / kafka://HOST:PORT/TOPIC (Kafka sources)"
 )
 
 
@@ -217,10 +217,18 @@ def _check_destination_target(p: Parameter, destination: str, source: SourceSpec
             raise refuse("file:// needs a path (file:///var/lib/poller/failures.jsonl).")
         return
     if destination.startswith("kafka://"):
-        topic = destination[len("kafka://") :]
         if source.kind.family is not Family.KAFKA:
             raise refuse("a kafka:// destination needs a Kafka event source.")
-        if not KAFKA_TOPIC.match(topic):
+        rest = destination[len("kafka://") :]
+        if "/" in rest:  # kafka://HOST:PORT[,...]/TOPIC: a cluster of its own
+            try:
+                target = parse_source(destination)
+            except SourceUriError as exc:
+                raise refuse(str(exc)) from None
+            if target.kind.family is not Family.KAFKA or len(getattr(target, "topics", ())) != 1:
+                raise refuse("name exactly one topic: kafka://HOST:PORT/TOPIC.")
+            return
+        if not KAFKA_TOPIC.match(rest):
             raise refuse("invalid Kafka topic (1-249 letters, digits, '.', '_' or '-').")
         return
     unsendable = _UNSENDABLE_ARN.match(destination)

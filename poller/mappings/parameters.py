@@ -205,9 +205,10 @@ PARAMETERS: Final[tuple[Parameter, ...]] = (
         "ParallelizationFactor",
         "parallelization_factor",
         "int",
-        STREAM,
-        "concurrent batches per shard",
-        defaults=_per_family((STREAM, 1)),
+        ORDERED,
+        "concurrent batches per shard, records routed by partition key so each key's order "
+        "holds (Kafka: per partition, by record key; an extension: Lambda has none for Kafka)",
+        defaults=_per_family((ORDERED, 1)),
         minimum=1,
         maximum=10,
     ),

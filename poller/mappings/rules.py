@@ -71,27 +71,30 @@ def _rule_kafka(v: dict[str, Any], ctx: Context) -> None:
     source = ctx.source
     assert isinstance(source, KafkaSpec)
     if v["topics"] is None:
-        if source.topic is None:
+        if not source.topics:
             raise MappingError(
                 "Topics is required for Kafka event sources: name exactly one topic in the URI "
                 "(kafka://HOST:PORT/TOPIC) or in topics.",
                 parameter="Topics",
             )
-        v["topics"] = [source.topic]
-    elif source.topic is not None and v["topics"] != [source.topic]:
+        v["topics"] = list(source.topics)
+    elif source.topics and v["topics"] != list(source.topics):
         raise MappingError(
-            f"Topics {v['topics']!r} does not match the topic {source.topic!r} in the event "
-            "source URI; give the topic in one place.",
+            f"Topics {v['topics']!r} does not match the topic(s) {list(source.topics)!r} in the "
+            "event source URI; give the topic in one place.",
             parameter="Topics",
         )
     destination = (v["destination_config"] or {}).get("OnFailure", {}).get("Destination", "")
-    if destination == f"kafka://{v['topics'][0]}":
-        # AWS's recursion prevention: failures must not be fed back to the source.
-        raise MappingError(
-            f"The on-failure destination topic {v['topics'][0]!r} "
-            "must differ from the source topic.",
-            parameter="DestinationConfig",
-        )
+    if destination.startswith("kafka://"):
+        target = destination[len("kafka://") :]
+        servers, _, topic = target.rpartition("/")
+        same_cluster = not servers or bool(set(servers.split(",")) & set(source.bootstrap_servers))
+        if same_cluster and topic in v["topics"]:
+            # AWS's recursion prevention: failures must not be fed back to the source.
+            raise MappingError(
+                f"The on-failure destination topic {topic!r} must differ from the source topic.",
+                parameter="DestinationConfig",
+            )
     if v["consumer_group_id"] is None:
         # AWS picks a unique group per mapping; the mapping's UUID is unique.
         v["consumer_group_id"] = ctx.uuid

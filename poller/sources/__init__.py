@@ -21,4 +21,5 @@ ARN_SERVICES: dict[str, str] = {
     "sqs": "poller.sources.sqs",
     "kinesis": "poller.sources.kinesis",
     "dynamodb": "poller.sources.dynamodb",
+    "kafka": "poller.sources.kafka",  # MSK cluster ARNs: refused with a message
 }

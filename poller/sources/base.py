@@ -375,6 +375,9 @@ class SourceContext:
     # The mapping the adapter serves (a default consumer group is named after it); None for a
     # sender, which must not create anything only a reader needs.
     mapping_uuid: str | None = None
+    # The mapping itself (a ``poller.mappings.Mapping``), for parameters only one kind of
+    # source reads (Kafka's Topics and ConsumerGroupId); None for a sender.
+    mapping: Any = None
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,10 @@ def test_find_config_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             "mappings[0].filter_criteria",
         ),
         (
-            {"event_source_arn": "kafka://b:9092/t", "starting_position": "LATEST"},
+            {
+                "event_source_arn": "arn:aws:kinesis:us-east-1:000000000000:stream/s",
+                "starting_position": "LATEST",
+            },
             "mappings[0].event_source_arn",
         ),
         ({"name": None}, "mappings[0].name"),

@@ -114,7 +114,8 @@ def test_defaults_per_kind(kind: str) -> None:
         assert m.tumbling_window_in_seconds == 0
         assert m.topics is None and m.consumer_group_id is None
     if kind == "kafka":
-        assert m.parallelization_factor is None and m.tumbling_window_in_seconds is None
+        # ParallelizationFactor is poller's extension for Kafka (lanes per partition by key).
+        assert m.parallelization_factor == 1 and m.tumbling_window_in_seconds is None
 
 
 def test_kafka_defaults() -> None:
@@ -242,7 +243,6 @@ def test_on_success_rejected() -> None:
         ("kinesis", "scaling_config", {"MaximumConcurrency": 5}),
         ("kafka", "scaling_config", {"MaximumConcurrency": 5}),
         ("sqs", "parallelization_factor", 2),
-        ("kafka", "parallelization_factor", 2),
         ("sqs", "starting_position", "LATEST"),
         ("local", "bisect_batch_on_function_error", True),
         ("redis-queue", "maximum_retry_attempts", 3),
@@ -879,7 +879,7 @@ def test_to_aws_kafka() -> None:
     }
     assert out["SelfManagedKafkaEventSourceConfig"] == {"ConsumerGroupId": UUID_A}
     assert "MaximumBatchingWindowInSeconds" not in out  # the 500 ms default has no int form
-    assert "ParallelizationFactor" not in out and "TumblingWindowInSeconds" not in out
+    assert out["ParallelizationFactor"] == 1 and "TumblingWindowInSeconds" not in out
 
 
 def test_to_aws_redis_hides_password() -> None:
@@ -1099,7 +1099,7 @@ def test_parameter_table_defaults_and_kinds() -> None:
     window = PARAMETERS_BY_NAME["maximum_batching_window_in_seconds"]
     assert window.default_for("kafka") is None and window.default_for("stream") == 0
     assert PARAMETERS_BY_NAME["scaling_config"].families == {"queue"}
-    assert PARAMETERS_BY_NAME["parallelization_factor"].families == {"stream"}
+    assert PARAMETERS_BY_NAME["parallelization_factor"].families == {"stream", "kafka"}
     assert PARAMETERS_BY_NAME["destination_config"].families == {"stream", "kafka"}
     assert PARAMETERS_BY_NAME["topics"].create_only
     position = PARAMETERS_BY_NAME["starting_position"]
