@@ -213,19 +213,13 @@ class QueueRunner:
                 self.metrics.concurrency_target.set(target)
             for index in range(target):
                 task = self._pollers.get(index)
-                if task is not None and task.done() and not task.cancelled():
-                    error = task.exception()
-                    if error is not None:
-                        # A bug or an unexpected client error: say so, then carry on with a
-                        # fresh poller (its messages come back after their visibility timeout).
-                        self.log.error(
-                            f"poller crashed: {error!r}; restarting it", **self.fields, poller=index
-                        )
+                if task is not None and task.done():
+                    self._report_crash(index, task, "restarting it")
                 if task is None or task.done():
                     self._pollers[index] = loop.create_task(self._poll_loop(index))
             for index in [i for i in self._pollers if i >= target]:
                 if self._pollers[index].done():
-                    del self._pollers[index]
+                    self._report_crash(index, self._pollers.pop(index), "not needed any more")
             busy = self.in_flight > 0 or (self.depth is not None and self.depth.backlog > 0)
             if busy and not self.health.in_outage:
                 # Busy: one fresh depth reading per tick. The controller estimates arrivals as
@@ -240,6 +234,13 @@ class QueueRunner:
             self._tick_wanted.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._tick_wanted.wait(), MANAGE_INTERVAL_S)
+
+    def _report_crash(self, index: int, task: asyncio.Task[None], then: str) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug or an unexpected client error: say so (its messages come back after their
+        # visibility timeout), rather than leave asyncio to print a bare traceback.
+        self.log.error(f"poller crashed: {task.exception()!r}; {then}", **self.fields, poller=index)
 
     async def _watch_depth(self) -> None:
         while True:

@@ -60,9 +60,12 @@ class Lease:
     ) -> InvokeResult:
         if self._released:
             raise RuntimeError("lease already used")
+        request_id = request_id or new_request_id()
         try:
+            if not self.pool._revive(self):
+                return throttled_result(self.pool.name, request_id, "DaemonMemoryBudgetExceeded")
             return await self.pool._invoke_on(
-                self.env, event, request_id or new_request_id(), client_context, capture_logs
+                self.env, event, request_id, client_context, capture_logs
             )
         finally:
             self.release()
@@ -106,6 +109,18 @@ class FunctionPool:
         self.envs.add(env)
         self.leased += 1
         return Lease(self, env)
+
+    def _revive(self, lease: Lease) -> bool:
+        """Give a lease whose environment died while it waited (killed, out of memory) a fresh
+        one, as Lambda replaces an environment that is gone; False if there is no memory for
+        it. The dead one already gave its memory back."""
+        if lease.env.state is not EnvState.DEAD:
+            return True
+        if not self.runtime._reserve_memory(self.config.memory_mb, exclude=self):
+            return False
+        lease.env = Environment(self)
+        self.envs.add(lease.env)
+        return True
 
     # A timeout parameter, not asyncio.timeout() around the call: running out of time here is an
     # answer ("no slot yet", None), not an error, and the engine polls with it between checks of

@@ -117,6 +117,27 @@ async def test_leases_acquire_wait_release() -> None:
         assert runtime.memory_used_mb == 128  # just the one warm environment
 
 
+async def test_a_lease_whose_idle_environment_died_invokes_on_a_fresh_one() -> None:
+    """The queue engine leases a warm environment before it receives; a worker killed in
+    between (OOM killer, an operator) must not fail the batch, nor crash the engine."""
+    async with make_runtime(fn("count")) as (runtime, _):
+        warm = await runtime.invoke("f", event({}))
+        assert warm.outcome is Outcome.OK
+        pool = runtime.pool("f")
+        lease = pool.try_acquire()
+        assert lease is not None and lease.env.state is EnvState.IDLE
+        dead = lease.env
+        os.kill(json.loads(warm.payload)["pid"], signal.SIGKILL)
+        assert await wait_for(lambda: dead.state is EnvState.DEAD)
+        result = await lease.invoke(event({}))
+        assert result.outcome is Outcome.OK, result.payload
+        assert result.init_ms is not None  # a cold start on its replacement
+        assert json.loads(result.payload)["pid"] != json.loads(warm.payload)["pid"]
+        assert pool.leased == 0 and runtime.environments() == 1
+        again = await runtime.invoke("f", event({}))
+        assert again.init_ms is None  # the replacement stayed warm for the next invoke
+
+
 async def test_concurrent_invokes_use_separate_environments() -> None:
     async with make_runtime(fn("sleep", reserved_concurrency=3)) as (runtime, _):
         results = await asyncio.gather(
