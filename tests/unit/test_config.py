@@ -176,12 +176,10 @@ def test_find_config_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             "mappings[0].filter_criteria",
         ),
         (
-            {
-                "event_source_arn": "arn:aws:kinesis:us-east-1:000000000000:stream/s",
-                "starting_position": "LATEST",
-            },
-            "mappings[0].event_source_arn",
+            {"event_source_arn": "arn:aws:kinesis:us-east-1:000000000000:stream/s"},
+            "mappings[0].starting_position",
         ),
+        ({"event_source_arn": "arn:aws:sns:us-east-1:1:t"}, "mappings[0].event_source_arn"),
         ({"name": None}, "mappings[0].name"),
     ],
 )
