@@ -16,3 +16,12 @@ def fault_seed(request: pytest.FixtureRequest) -> int:
         seed = random.randrange(1, 1_000_000)
     print(f"\nfault rounds: seed {seed} (give it back with --fault-seed {seed})")
     return int(seed)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each source's rounds time in proportion to how many there are: the suite's
+    300 s per test would cut a long run short (a round takes 10-25 s on 2 busy cores)."""
+    rounds = config.getoption("--fault-rounds")
+    for item in items:
+        if item.path.parent.name == "fault":
+            item.add_marker(pytest.mark.timeout(120 + 60 * rounds))

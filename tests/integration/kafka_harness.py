@@ -121,7 +121,7 @@ def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
 def produce(
     bootstrap: str,
     topic: str,
-    messages: list[tuple[str | None, str]],
+    messages: list[tuple[str | None, str | None]],
     *,
     partition: int | None = None,
     timestamp_ms: int | None = None,
@@ -134,7 +134,7 @@ def produce(
             producer.send(
                 topic,
                 key=None if key is None else key.encode(),
-                value=value.encode(),
+                value=None if value is None else value.encode(),
                 partition=partition,
                 timestamp_ms=timestamp_ms,
                 headers=headers,
@@ -210,7 +210,7 @@ class KafkaHarness:
     def logs(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_stream.getvalue().splitlines()]
 
-    def produce(self, messages: list[tuple[str | None, str]], **options: Any) -> list[Any]:
+    def produce(self, messages: list[tuple[str | None, str | None]], **options: Any) -> list[Any]:
         return produce(self.bootstrap, self.topic, messages, **options)
 
     @contextlib.asynccontextmanager

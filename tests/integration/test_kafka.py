@@ -72,6 +72,26 @@ async def test_events_have_lambdas_kafka_shape(kafka_bootstrap: str, tmp_path: P
     assert base64.b64decode(records[1]["value"]) == b"no key"
 
 
+async def test_tombstones_and_many_headers_are_delivered_as_they_are(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A record with a key and no value (a tombstone) and one with 300 headers, some of them
+    empty or binary, reach the handler exactly as the broker holds them."""
+    topic = unique("odd")
+    create_topic(kafka_bootstrap, topic, 1)
+    h = KafkaHarness(kafka_bootstrap, tmp_path, topic, handler="event")
+    headers = [(f"h{i}", bytes([i % 256]) * (i % 4)) for i in range(300)]
+    h.produce([("gone", None)])
+    h.produce([(None, "many")], headers=headers)
+    async with h.running():
+        await until(lambda: sum(len(e["records"][f"{topic}-0"]) for e in h.handled()) == 2, 30, "2")
+    records = [r for e in h.handled() for r in e["records"][f"{topic}-0"]]
+    assert base64.b64decode(records[0]["key"]) == b"gone"
+    assert "value" not in records[0] and records[0]["headers"] == []
+    assert "key" not in records[1]
+    assert records[1]["headers"] == [{name: list(value)} for name, value in headers]
+
+
 async def test_order_per_key_holds_over_a_long_run_with_parallel_lanes(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
