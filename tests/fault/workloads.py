@@ -168,6 +168,7 @@ class SqsWorkload(Workload):
         "restart_server",
         "proxy_drop",
         "proxy_stall",
+        "proxy_half_close",
     )
     queue = "fault-q"
 
