@@ -129,28 +129,33 @@ def _get_records_like_aws(
     return next_iterator, records, behind
 
 
-# ListShards pages: which stream each NextToken handed out belongs to.
-_token_streams: dict[str, tuple[str | None, str | None]] = {}
+# ListShards pages: the stream and the offset of the next page behind each NextToken handed
+# out. Paged here rather than by moto, whose list_shards changed shape between 5.x releases.
+_page_tokens: dict[str, tuple[str | None, str | None, int]] = {}
 
 
 def _list_shards_like_aws(self: responses.KinesisResponse) -> Any:
     stream_arn = self._get_param("StreamARN")
     stream_name = self._get_param("StreamName")
     next_token = self._get_param("NextToken")
+    start = 0
     if next_token is not None:
         if stream_arn or stream_name:
             named = "StreamARN" if stream_arn else "StreamName"
             raise InvalidArgumentError(f"NextToken and {named} cannot be provided together.")
-        stream_arn, stream_name = _token_streams.get(next_token, (None, None))
-    shards, token = self.kinesis_backend.list_shards(
-        stream_arn=stream_arn,
-        stream_name=stream_name,
-        limit=self._get_param("MaxResults", 10000),
-        next_token=next_token,
-    )
-    if token:
-        _token_streams[token] = (stream_arn, stream_name)
-    return responses.ActionResult({"Shards": [s.to_json() for s in shards], "NextToken": token})
+        if next_token not in _page_tokens:
+            raise InvalidArgumentError(f"Invalid NextToken: {next_token}")
+        stream_arn, stream_name, start = _page_tokens[next_token]
+    limit = int(self._get_param("MaxResults", 10000))
+    stream = self.kinesis_backend.describe_stream(stream_arn=stream_arn, stream_name=stream_name)
+    shards = sorted(stream.shards.values(), key=attrgetter("shard_id"))
+    page = shards[start : start + limit]
+    result: dict[str, Any] = {"Shards": [s.to_json() for s in page]}
+    if start + limit < len(shards):
+        token = base64.b64encode(f"{stream.arn}:{start + limit}".encode()).decode()
+        _page_tokens[token] = (stream_arn, stream_name, start + limit)
+        result["NextToken"] = token
+    return responses.ActionResult(result)
 
 
 _lock = threading.RLock()
