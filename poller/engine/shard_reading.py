@@ -1,8 +1,8 @@
 """Reading a shard ahead of its batches (part of ShardProcessor, engine/shard.py): records go
 from the reader into the lanes by a hash of their partition key, at most READ_AHEAD_BATCHES
-batches per lane ahead, read again once no more than a batch per lane is left (so a busy shard
-is read in a few large reads rather than one per batch); filtered records are settled at once;
-what the source says about retention gaps and lag is reported."""
+batches per lane ahead, read again once half of that is left (so a busy shard is read in reads
+of two batches per lane or more, rather than one read per batch); filtered records are settled
+at once; what the source says about retention gaps and lag is reported."""
 
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ class ShardReading:
         settings = self.runner.settings
         metrics = self.runner.metrics
         source = self.runner.source
-        low = settings.batch_size * len(self.lanes)
-        cap = low * READ_AHEAD_BATCHES
+        cap = settings.batch_size * len(self.lanes) * READ_AHEAD_BATCHES
+        low = cap // 2
         while not self.stopping:
             buffered = sum(len(lane.queue) for lane in self.lanes)
             if buffered > low:
