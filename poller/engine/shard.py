@@ -191,10 +191,15 @@ class ShardProcessor(ShardReading):
                     for task in lanes:
                         with contextlib.suppress(BaseException):
                             await task
-                    # Whatever settled is checkpointed before the shard ends or is let go.
+                    # Whatever settled is checkpointed before the shard ends or is let go,
+                    # unless the grace ran out (cancelled): then at once, what was not written
+                    # is read again.
                     self._draining = True
                     self._drained.set()
                     self._want.set()
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        writer.cancel()
                     await writer
             finally:
                 writer.cancel()
