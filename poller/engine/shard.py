@@ -5,10 +5,17 @@ routed by a hash of their partition key, so one key's records keep their order);
 gathers a batch (BatchSize, the batching window, the 6 MB cap), invokes it, and follows the
 retry rules of engine/attempts.py until every record is settled: done, filtered out, or given
 up on (to the on-failure destination, or dropped and counted). The checkpoint then moves as
-far as everything before it is settled (engine/checkpoints.py), and is durable before the lane
-invokes again. Throttles, source outages, a destination that is down and shutdown are waited
-out without using an attempt. A closed shard read to its end is checkpointed at SHARD_END,
-which lets its children start.
+far as everything before it is settled (engine/checkpoints.py). Throttles, source outages, a
+destination that is down and shutdown are waited out without using an attempt. A closed shard
+read to its end is checkpointed at SHARD_END, which lets its children start.
+
+Checkpoints are written behind the lanes, one write at a time per shard and at most one per
+CHECKPOINT_INTERVAL_S: a lane invokes its next batch while the checkpoint of its last one is
+being written, and what settles meanwhile goes into the next write (only the newest position is
+written). A lane waits before invoking again once a settled position is queued behind a write
+still out, so a crash repeats at most the batches in flight, what settled in the last interval
+and the records of the write that was out (and a batch per lane queued behind it); a graceful
+stop and a shard's end write everything settled first.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
@@ -40,6 +47,11 @@ if TYPE_CHECKING:
     from poller.engine.stream import StreamRunner
 
 _decode = msgspec.json.Decoder().decode
+
+# A shard's checkpoint is written at most this often: batches that settle faster share a write.
+# Short next to a batch of a handler that does any work, so a crash repeats little more than
+# the batches in flight; long next to a write, so a fast shard does not spend its time on them.
+CHECKPOINT_INTERVAL_S: Final = 0.01
 
 
 class Stopped(Exception):
@@ -79,7 +91,15 @@ class ShardProcessor(ShardReading):
         self._token = 0
         self._space = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._writing = asyncio.Lock()
+        # The checkpoint writer's side: the newest checkpoint asked for, the one waiting for the
+        # writer (None: nothing new), whether no write is out, and no more to come.
+        self._latest = Checkpoint()
+        self._wanted: Checkpoint | None = None
+        self._want = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._drained = asyncio.Event()
         self._reader: Any = None
         self._fields = {**runner.fields, "shard": shard.id}
         # What a source with events of its own shape (Kafka's, §7.5) says about them: the
@@ -138,6 +158,7 @@ class ShardProcessor(ShardReading):
         try:
             claim = await self._state("claim", lambda: runner.ownership.claim(self.shard))
             self._token, self.checkpoint = claim.token, claim.checkpoint
+            self._latest = claim.checkpoint
             position = self.checkpoint.position
             if position == SHARD_END:
                 self.finished, self.phase = True, "finished"
@@ -154,20 +175,34 @@ class ShardProcessor(ShardReading):
             if position is None and self._reader.start_point is not None:
                 # Pin LATEST / AT_TIMESTAMP where the service names the point: a restart before
                 # the first record must not move the start.
-                await self._write(Checkpoint(self._reader.start_point))
+                self._latest = Checkpoint(self._reader.start_point)
+                await self._write(self._latest)
             self.phase = "reading"
-            lanes = [
-                asyncio.get_running_loop().create_task(self._lane(lane)) for lane in self.lanes
-            ]
+            loop = asyncio.get_running_loop()
+            writer = loop.create_task(self._checkpointer())
+            lanes = [loop.create_task(self._lane(lane)) for lane in self.lanes]
             try:
-                await self._read()
-                await asyncio.gather(*lanes)
+                try:
+                    await self._read()
+                    await asyncio.gather(*lanes)
+                finally:
+                    for task in lanes:
+                        task.cancel()
+                    for task in lanes:
+                        with contextlib.suppress(BaseException):
+                            await task
+                    # Whatever settled is checkpointed before the shard ends or is let go,
+                    # unless the grace ran out (cancelled): then at once, what was not written
+                    # is read again.
+                    self._draining = True
+                    self._drained.set()
+                    self._want.set()
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        writer.cancel()
+                    await writer
             finally:
-                for task in lanes:
-                    task.cancel()
-                for task in lanes:
-                    with contextlib.suppress(BaseException):
-                        await task
+                writer.cancel()
             if self.reading_done and not self.stopping and not len(self.progress):
                 await self._write(Checkpoint(SHARD_END))
                 self.finished = True
@@ -569,15 +604,48 @@ class ShardProcessor(ShardReading):
 
     # -- checkpoints ---------------------------------------------------------------------------
     async def _advance(self) -> None:
-        """Checkpoint as far as the settled records go (with the window's state)."""
-        async with self._writing:
-            position = self.progress.advance()
-            window = None if self.window is None else self.window.saved()
-            if position is None and window == self.checkpoint.window:
-                return
-            await self._write(Checkpoint(position or self.checkpoint.position, window), locked=True)
+        """Checkpoint as far as the settled records go (with the window's state): hand the
+        position to the writer, and wait if one is still queued behind a write that is out."""
+        position = self.progress.advance()
+        window = None if self.window is None else self.window.saved()
+        latest = self._latest
+        if position is None and window == latest.window:
+            return
+        self._latest = self._wanted = Checkpoint(position or latest.position, window)
+        self._want.set()
+        idle = self._idle
+        while self._wanted is not None and not idle.is_set() and not self.stopping:
+            await idle.wait()
 
-    async def _write(self, checkpoint: Checkpoint, locked: bool = False) -> None:
+    async def _checkpointer(self) -> None:
+        """Write the newest checkpoint asked for, one write at a time, until drained."""
+        want, idle, drained = self._want, self._idle, self._drained
+        while True:
+            checkpoint = self._wanted
+            if checkpoint is None:
+                if self._draining:
+                    return
+                want.clear()
+                await want.wait()
+                continue
+            self._wanted = None
+            idle.clear()
+            started = time.monotonic()
+            try:
+                await self._write(checkpoint)
+            except BaseException:
+                # Lanes must not go on settling what can no longer be checkpointed.
+                self.stopping = True
+                self._wake_all()
+                raise
+            finally:
+                idle.set()
+            rest = started + CHECKPOINT_INTERVAL_S - time.monotonic()
+            if rest > 0 and not self._draining:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(drained.wait(), rest)
+
+    async def _write(self, checkpoint: Checkpoint) -> None:
         runner = self.runner
         try:
             await self._state(

@@ -632,3 +632,46 @@ async def test_a_change_signalled_while_the_runner_is_busy_is_acted_on_at_once(
         made[0]._on_change()
         # Well within the runner's 10 s round: the wake-up from inside the pass was kept.
         await until(lambda: "w" not in runner.processors, 3, "w let go")
+
+
+class _SlowWrites(StoreOwnership):
+    """Checkpoint writes that take a while; each notes its position and how many records the
+    handler had been given when it started and when it ended."""
+
+    def __init__(self, store: Any, settings: Any, handled: Any) -> None:
+        super().__init__(store, settings.uuid, settings.owner)
+        self.handled = handled
+        self.writes: list[tuple[str, int, int]] = []
+
+    async def write(self, shard: Any, token: int, checkpoint: Any) -> None:
+        started = len(self.handled())
+        await asyncio.sleep(0.2)
+        await super().write(shard, token, checkpoint)
+        self.writes.append((checkpoint.position, started, len(self.handled())))
+
+
+async def test_checkpoints_are_written_behind_the_lanes_and_drained_on_stop(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    h = Harness(redis_server, tmp_path, keys=("w",), settings={"batch_size": 5})
+    await _fresh(redis_server, "w")
+    ids = await h.add("w", *[f"w{i}" for i in range(60)])
+    made: list[_SlowWrites] = []
+
+    def ownership(store: Any, settings: Any) -> _SlowWrites:
+        made.append(_SlowWrites(store, settings, h.handled))
+        return made[0]
+
+    async with h.running(ownership=ownership):
+        await until(lambda: len(h.handled()) >= 30, 20, "half the records handled")
+    # Stopped with a write out and a newer position queued behind it: both were written.
+    assert (await _checkpoints(tmp_path))["w"] == h.handled()[-1]["seq"]
+    # (The first write pins TRIM_HORIZON's start, "0-0", before anything is read.)
+    writes = [w for w in made[0].writes if w[0] in ids]
+    positions = [ids.index(w[0]) + 1 for w in writes]
+    assert positions == sorted(positions)
+    # The lane invoked its next batch while a write was out...
+    assert all(ended > done for done, (_, _, ended) in zip(positions[:-1], writes, strict=False))
+    # ...but went no further than one batch queued behind it and one in the handler: a crash
+    # repeats at most a batch more than when every batch waited for its own write.
+    assert all(seen <= done + 2 * 5 for done, (_, seen, _) in zip(positions, writes, strict=True))

@@ -28,36 +28,47 @@ def iso_ms(epoch: float) -> str:
 
 class RecordEncoder:
     """ConsumerRecords to StreamRecords: each payload is base64-encoded once, straight into the
-    record's JSON (a template per topic, no dict on the way)."""
+    record's JSON through templates made once per partition (no dict on the way)."""
 
     def __init__(self) -> None:
-        self._templates: dict[str, bytes] = {}
+        self._templates: dict[tuple[str, int], tuple[bytes, bytes]] = {}
 
-    def _template(self, topic: str) -> bytes:
-        template = self._templates.get(topic)
-        if template is None:
-            template = self._templates[topic] = (
+    def _templates_of(self, topic: str, partition: int) -> tuple[bytes, bytes]:
+        """The general template, and the one of the usual record (key and value, no headers,
+        CREATE_TIME) with everything else already in it."""
+        templates = self._templates.get((topic, partition))
+        if templates is None:
+            head = (
                 b'{"topic":'
                 + _encode(topic).replace(b"%", b"%%")
-                + b',"partition":%d,"offset":%d,"timestamp":%d,"timestampType":"%b"%b%b,'
-                b'"headers":%b}'
+                + b',"partition":%d' % partition
+                + b',"offset":%d,"timestamp":%d,"timestampType":"'
             )
-        return template
+            templates = self._templates[(topic, partition)] = (
+                head + b'%b"%b%b,"headers":%b}',
+                head + b'CREATE_TIME","key":"%b","value":"%b","headers":[]}',
+            )
+        return templates
 
     def encode(self, shard: str, raw: list[Any]) -> list[StreamRecord]:
         b64 = binascii.b2a_base64
         records: list[StreamRecord] = []
+        if not raw:
+            return records
         append = records.append
-        template = self._template(raw[0].topic) if raw else b""
+        general, usual = self._templates_of(raw[0].topic, raw[0].partition)
         for r in raw:
-            key = r.key
+            key, value, offset, timestamp = r.key, r.value, r.offset, r.timestamp
+            if key is not None and value is not None and not r.headers and r.timestamp_type != 1:
+                key_b64 = b64(key, newline=False)
+                encoded = usual % (offset, timestamp, key_b64, b64(value, newline=False))
+                append(StreamRecord(str(offset), key_b64.decode(), timestamp / 1000, encoded))
+                continue
             key_b64 = b64(key, newline=False) if key is not None else None
-            value = r.value
             headers = r.headers
-            encoded = template % (
-                r.partition,
-                r.offset,
-                r.timestamp,
+            encoded = general % (
+                offset,
+                timestamp,
                 b"LOG_APPEND_TIME" if r.timestamp_type == 1 else b"CREATE_TIME",
                 b',"key":"' + key_b64 + b'"' if key_b64 is not None else b"",
                 b',"value":"' + b64(value, newline=False) + b'"' if value is not None else b"",
@@ -66,7 +77,7 @@ class RecordEncoder:
             # A record without a key goes to the lane of the other keyless ones: their order
             # within the partition holds whatever the ParallelizationFactor.
             partition_key = key_b64.decode() if key_b64 is not None else ""
-            append(StreamRecord(str(r.offset), partition_key, r.timestamp / 1000, encoded))
+            append(StreamRecord(str(offset), partition_key, timestamp / 1000, encoded))
         return records
 
 

@@ -332,12 +332,17 @@ class KafkaReader:
 
     def feed(self, records: list[StreamRecord]) -> None:
         buffer = self._buffer
-        for record in records:
-            offset = int(record.sequence)
-            if offset < self._next:
-                continue  # fetched before a seek
-            buffer.append(record)
-            self._next = offset + 1
+        if records and int(records[0].sequence) >= self._next:
+            # The usual case: a poll's records of a partition are in offset order, all new.
+            buffer.extend(records)
+            self._next = int(records[-1].sequence) + 1
+        else:
+            for record in records:
+                offset = int(record.sequence)
+                if offset < self._next:
+                    continue  # fetched before a seek
+                buffer.append(record)
+                self._next = offset + 1
         self._arrived.set()
         if not self._paused and len(buffer) >= self._high:
             self._paused = True

@@ -56,6 +56,9 @@ SEND_CHUNK: Final = 1000
 MAX_SEQ: Final = 18446744073709551615  # the largest sequence part of an entry id
 # A partition key the record template can take as it is: printable ASCII, no quote or backslash.
 _NEEDS_ESCAPING: Final = re.compile(rb'[^\x20-\x7e]|["\\]')
+# How many partition keys a reader keeps ready for the template (as JSON and as text): past
+# this it forgets them all, so keys that never repeat hold little memory.
+KNOWN_KEYS: Final = 4096
 
 
 def _id(text: bytes | str) -> tuple[int, int]:
@@ -192,6 +195,7 @@ class RedisShardReader:
         self.start_point: str | None = after
         self._event_prefix = key + ":"
         self._template = stream.shape.shard_template(key)
+        self._keys: dict[bytes, tuple[bytes, str]] = {}
         self._next_trim_check = time.monotonic() + TRIM_CHECK_S
         self._reported_until = _id(after)
 
@@ -226,38 +230,57 @@ class RedisShardReader:
 
     def _records(self, entries: list[list[Any]]) -> list[StreamRecord]:
         """Records for XREAD's entries. The hot path: an entry of ``body`` (and ``pk``) goes
-        straight to JSON through the shard's template, with everything it touches in locals;
-        any other entry through ``_fields`` and the shape's general encoder."""
+        straight to JSON through the shard's template, with everything it touches in locals, a
+        partition key seen before taken from ``_keys`` and an arrival time shared by the entries
+        of one millisecond worked out once; any other entry goes through ``_fields`` and the
+        shape's general encoder."""
         template = self._template
         b64 = binascii.b2a_base64
-        needs_escaping = _NEEDS_ESCAPING.search
+        keys = self._keys
         records = []
         append = records.append
+        last_ms = seconds = millis = b""
+        arrival = 0.0
         for raw_id, fields in entries:
             count = len(fields)
-            if count == 2 and fields[0] == BODY:
-                body, raw_key = fields[1], raw_id
-            elif count == 4 and fields[0] == BODY and fields[2] == PARTITION_KEY:
+            if count == 4 and fields[0] == BODY and fields[2] == PARTITION_KEY:
                 body, raw_key = fields[1], fields[3]
+            elif count == 2 and fields[0] == BODY:
+                body, raw_key = fields[1], None
             elif count == 4 and fields[0] == PARTITION_KEY and fields[2] == BODY:
                 body, raw_key = fields[3], fields[1]
             else:
                 append(self._record(raw_id, fields))
                 continue
             ms = raw_id.partition(b"-")[0]
-            if len(ms) < 4 or needs_escaping(raw_key):
-                append(self._record(raw_id, fields))
-                continue
+            if ms != last_ms:
+                if len(ms) < 4:
+                    append(self._record(raw_id, fields))
+                    continue
+                last_ms, seconds, millis, arrival = ms, ms[:-3], ms[-3:], int(ms) / 1000
+            sequence = raw_id.decode()
+            if raw_key is None:
+                quoted, partition_key = b'"' + raw_id + b'"', sequence
+            else:
+                known = keys.get(raw_key)
+                if known is None:
+                    if _NEEDS_ESCAPING.search(raw_key):
+                        append(self._record(raw_id, fields))
+                        continue
+                    if len(keys) >= KNOWN_KEYS:
+                        keys.clear()
+                    known = keys[raw_key] = (b'"' + raw_key + b'"', raw_key.decode())
+                quoted, partition_key = known
             encoded = template % (
-                b'"' + raw_key + b'"',
+                quoted,
                 raw_id,
                 b64(body, newline=False),
-                ms[:-3],
-                ms[-3:],
+                seconds,
+                millis,
                 raw_id,
                 b"",
             )
-            append(StreamRecord(raw_id.decode(), raw_key.decode(), int(ms) / 1000, encoded))
+            append(StreamRecord(sequence, partition_key, arrival, encoded))
         return records
 
     def _record(self, raw_id: bytes, fields: list[bytes]) -> StreamRecord:
