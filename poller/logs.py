@@ -8,13 +8,15 @@ records have Lambda's ``type`` values (``platform.start``, ``platform.runtimeDon
 Records are written through a buffer that is flushed FLUSH_DELAY_S after the first record
 put in it (or at once past FLUSH_BYTES), so a busy daemon costs the log's reader one write()
 per few milliseconds, not one per invoke: with one invoke per event-loop turn, a flush per turn
-was a write() and a wake-up of journald (or whatever reads stdout) per invoke. Order is kept;
-the daemon flushes on shutdown.
+was a write() and a wake-up of journald (or whatever reads stdout) per invoke. Warnings and
+errors are written at once (with everything before them); order is kept; the daemon flushes on
+shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import sys
 import time
 from typing import IO, Any, Final
@@ -27,6 +29,7 @@ LEVEL_NAMES: Final = {"debug": "DEBUG", "info": "INFO", "warning": "WARN", "erro
 # How long a record may wait in the buffer, and how much may wait before it is written at once.
 FLUSH_DELAY_S: Final = 0.005
 FLUSH_BYTES: Final = 65536
+WARNING: Final = LEVELS["warning"]
 
 _encode = msgspec.json.Encoder().encode
 _second = -1
@@ -44,6 +47,18 @@ def timestamp() -> str:
         _prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _second = second
     return f"{_prefix}.{int((now - second) * 1000):03d}Z"
+
+
+# Logs with records waiting for their timer.
+_waiting: set[JsonLog] = set()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Records still waiting when the interpreter exits (a path that returned without
+    flushing, a loop closed before the timer fired) are written, not lost."""
+    for log in list(_waiting):
+        log.flush()
 
 
 class JsonLog:
@@ -78,6 +93,7 @@ class JsonLog:
             self.flush()
             return
         self._flush_scheduled = True
+        _waiting.add(self)
         loop.call_later(FLUSH_DELAY_S, self.flush)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
@@ -86,6 +102,10 @@ class JsonLog:
         self.emit(
             {"timestamp": timestamp(), "level": LEVEL_NAMES[level], "message": message, **fields}
         )
+        if LEVELS[level] >= WARNING:
+            # A warning or an error may be the daemon's last words (a failed start exits
+            # before any timer fires): written at once, with everything before it.
+            self.flush()
 
     def debug(self, message: str, **fields: Any) -> None:
         self.log("debug", message, **fields)
@@ -102,6 +122,7 @@ class JsonLog:
     def flush(self) -> None:
         # A timer already set may still fire: it finds the buffer empty, or flushes early.
         self._flush_scheduled = False
+        _waiting.discard(self)
         if not self._buffer:
             return
         data = bytes(self._buffer)

@@ -83,3 +83,23 @@ async def test_records_are_written_together_a_few_milliseconds_later_in_order() 
     assert [r["message"] for r in _records(stream)] == ["one", "two"]
     log.write(b"x" * FLUSH_BYTES + b"\n")  # a burst past the limit goes out at once
     assert len(stream.getvalue()) > FLUSH_BYTES
+
+
+async def test_a_warning_is_written_at_once_with_what_came_before_it() -> None:
+    stream = io.BytesIO()
+    log = JsonLog(stream)
+    log.info("before")
+    log.warning("now")
+    assert [r["message"] for r in _records(stream)] == ["before", "now"]
+
+
+def test_records_waiting_for_their_timer_are_written_when_the_process_exits() -> None:
+    code = (
+        "import asyncio, sys\n"
+        "from poller.logs import JsonLog\n"
+        "async def main():\n"
+        "    JsonLog(sys.stdout.buffer).info('last words')\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    assert json.loads(out)["message"] == "last words"
