@@ -9,7 +9,9 @@ both daemons (``poller run`` with each checkout on PYTHONPATH, each its own cons
 one pre-loaded stream, the same mapping settings as bench/redis_queue.py) start together and
 drain concurrently, so whatever else the machine does hits both in the same moment. They also
 compete with each other, so the absolute rates are lower than alone; compare the two lines of
-a round: records/s and the CPU per record of each daemon and its workers.
+a round: records/s and the CPU per record of each daemon and its workers. Which side starts
+first alternates by round (the first one had lower CPU per record in every round of a trial
+that did not alternate, whichever checkout it was); medians per side close the run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,10 +78,12 @@ def main() -> None:
                 f"{args.entries} entries, batch {args.batch_size}, MaximumConcurrency "
                 f"{args.maximum_concurrency or 'unbounded'}; A = {sides['A']}, B = {sides['B']}"
             )
+            results: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
             for round_ in range(1, args.rounds + 1):
                 rq.load(client, args.entries)
                 running = {}
-                for side, path in sides.items():
+                order = list(sides.items())
+                for side, path in order if round_ % 2 else order[::-1]:
                     command = [
                         sys.executable,
                         __file__,
@@ -101,6 +106,7 @@ def main() -> None:
                         raise SystemExit(f"side {side} failed")
                     stats = json.loads(out.decode().splitlines()[-1])
                     n = args.entries
+                    results[side].append((n / stats["seconds"], stats["cpu_daemon"] * 1e6 / n))
                     print(
                         f"round {round_} {side}: {n / stats['seconds']:8,.0f} rec/s   "
                         f"daemon {stats['cpu_daemon'] * 1e6 / n:6.1f} us/rec   "
@@ -108,6 +114,11 @@ def main() -> None:
                         f"target mean {stats.get('target_mean', 0):.1f}",
                         flush=True,
                     )
+            for side, rows in results.items():
+                print(
+                    f"median {side}: {statistics.median(r for r, _ in rows):8,.0f} rec/s   "
+                    f"daemon {statistics.median(c for _, c in rows):6.1f} us/rec"
+                )
         finally:
             server.stop()
 
