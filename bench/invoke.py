@@ -173,14 +173,19 @@ class Warm:
     samples: list[float] = field(default_factory=list)  # seconds per round trip
     round_medians: list[float] = field(default_factory=list)
     cpu_s: float = 0.0  # both processes' CPU over all timed round trips
+    own_cpu_s: float = 0.0  # this process's share: for (a), the daemon side
 
-    def add_round(self, durations: list[float], cpu_s: float) -> None:
+    def add_round(self, durations: list[float], cpu_s: float, own_cpu_s: float) -> None:
         self.samples.extend(durations)
         self.round_medians.append(statistics.median(durations))
         self.cpu_s += cpu_s
+        self.own_cpu_s += own_cpu_s
 
     def cpu_us(self) -> float:
         return self.cpu_s / len(self.samples) * 1e6
+
+    def own_cpu_us(self) -> float:
+        return self.own_cpu_s / len(self.samples) * 1e6
 
 
 async def warm(
@@ -210,24 +215,25 @@ async def warm(
                 ("worker", direct.proc.pid, direct.round_trip),
             ):
                 out = []
-                cpu0 = cpu_ns() + cpu_ns(child)
+                own0, cpu0 = cpu_ns(), cpu_ns(child)
                 for _ in range(per_round):
                     started = clock()
                     round_trip()
                     out.append(clock() - started)
-                results[kind].add_round(out, (cpu_ns() + cpu_ns(child) - cpu0) / 1e9)
+                own = (cpu_ns() - own0) / 1e9
+                results[kind].add_round(out, own + (cpu_ns(child) - cpu0) / 1e9, own)
             out = []
             if profiler is not None:
                 profiler.enable()
-            cpu0 = cpu_ns() + cpu_ns(runtime_pid)
+            own0, cpu0 = cpu_ns(), cpu_ns(runtime_pid)
             for _ in range(per_round):
                 started = clock()
                 result = await invoke("noop", EVENT)
                 out.append(clock() - started)
-            cpu = (cpu_ns() + cpu_ns(runtime_pid) - cpu0) / 1e9
+            own = (cpu_ns() - own0) / 1e9
             if profiler is not None:
                 profiler.disable()
-            results["runtime"].add_round(out, cpu)
+            results["runtime"].add_round(out, own + (cpu_ns(runtime_pid) - cpu0) / 1e9, own)
             assert result.outcome is Outcome.OK
             assert env.proc.pid == runtime_pid  # one warm environment served them all
     finally:
@@ -301,7 +307,7 @@ def main() -> None:
         print()
         print(
             f"{'warm round trip':<32}{'median':>8}{'p99':>8}{'best round':>12}{'CPU/trip':>10}"
-            f"{'x floor (median / best)':>25}"
+            f"{'own CPU':>9}{'x floor (median / best)':>25}"
         )
         for label, kind in (
             ("(b) floor: bare pipe echo", "floor"),
@@ -314,16 +320,17 @@ def main() -> None:
             x_best = best / (min(floor.round_medians) * 1e6)
             print(
                 f"{label:<32}{med:>8.1f}{p99:>8.1f}{best:>12.1f}{results[kind].cpu_us():>10.1f}"
-                f"{x_med:>15.2f}x /{x_best:>5.2f}x"
+                f"{results[kind].own_cpu_us():>9.1f}{x_med:>15.2f}x /{x_best:>5.2f}x"
             )
         print(
             "(us; best round = the lowest of the per-round medians, the quietest moment;"
-            " CPU/trip = both processes' CPU time per round trip)"
+            " CPU/trip = both processes' CPU time per round trip; own CPU = this process's"
+            " share, for (a) the daemon side)"
         )
         ratio = summarize(results["runtime"].samples)[0] / summarize(floor.samples)[0]
         print(
-            f"warm ratio (median) {ratio:.2f}x (target <= 1.5x): "
-            f"{'met' if ratio <= 1.5 else 'MISSED'}"
+            f"warm ratio (median) {ratio:.2f}x (target <= 2.5x, issue 17): "
+            f"{'met' if ratio <= 2.5 else 'MISSED'}"
         )
 
         bare = cold_bare_import(code_dir, args.cold)

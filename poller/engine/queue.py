@@ -13,6 +13,12 @@ A runner owns one mapping. It keeps ``target`` poller tasks; each poller loops:
    The delete runs in its own task while the poller goes on to its next batch, so an
    acknowledgement's round trip overlaps the next receive and invoke (at most two deletes
    per poller in flight).
+
+Without a batching window, the receive for a poller's next batch is sent while its invoke
+runs (``_Carry.prefetch``), so a slot's cycle costs the longer of the two round trips rather
+than their sum. Only with a backlog (the last depth reading), and when the function timeout
+leaves those messages well inside their visibility timeout (they wait for at most the invoke
+before theirs starts).
 """
 
 from __future__ import annotations
@@ -282,7 +288,9 @@ class QueueRunner:
         carry = _Carry()
         settling: asyncio.Task[None] | None = None
         try:
-            while not self._stopping and index < self.target:
+            # A poller past the target still runs the batch it prefetched (it holds those
+            # messages), then stops.
+            while not self._stopping and (index < self.target or carry.prefetch is not None):
                 lease = pool.try_acquire()
                 if lease is None:
                     self.counts.throttles += 1
@@ -309,6 +317,9 @@ class QueueRunner:
                     self.counts.empty_polls += 1
                     continue
                 self._invoking.add(index)
+                if self._may_prefetch(index, carry):
+                    # Runs once this task waits for the worker's reply: the invoke goes first.
+                    carry.prefetch = asyncio.get_running_loop().create_task(self._prefetch())
                 try:
                     done = await self._process(batch, lease, heartbeat, carry)
                 except BaseException:
@@ -329,10 +340,41 @@ class QueueRunner:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(previous)
         finally:
+            if carry.prefetch is not None:
+                carry.messages.extend(await _abandon(carry.prefetch))
+                carry.prefetch = None
             if carry.messages:
-                # Held back by the size cap: let another consumer have them now.
+                # Held back by the size cap, or prefetched for a batch that will not run: let
+                # another consumer have them now.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.source.change_visibility(carry.messages, 0))
+
+    def _may_prefetch(self, index: int, carry: _Carry) -> bool:
+        """Whether to receive the next batch while this one's invoke runs.
+
+        Not with a batching window (gathering a batch takes several receives and a wait), nor
+        with messages held over (the next batch starts with those), nor when the invoke could
+        outlast the prefetched messages' visibility: nothing covers them until their own batch
+        starts (the same margin as the heartbeat's). And only while the last depth reading
+        showed messages waiting: on a queue that keeps up, the next message is better taken by
+        a poller that is free when it arrives than held by this one until its invoke ends (at
+        200 messages/s that added ~0.15 ms to the median enqueue-to-handler latency).
+        """
+        depth = self.depth
+        if depth is None or depth.visible == 0:
+            return False
+        if self._stopping or index >= self.target or carry.messages:
+            return False
+        if self.settings.batching_window_s > 0:
+            return False
+        visibility = self.source.visibility_timeout_s
+        return self.pool.config.timeout_s + min(5.0, visibility / 2) < visibility
+
+    async def _prefetch(self) -> tuple[list[Message], float]:
+        """The first receive of the next batch, and when it returned (its visibility clock)."""
+        want = min(self.settings.batch_size, self.source.max_receive_batch)
+        messages = await self.source.receive(want, max(self.policy.poll_wait_s, MIN_LONG_POLL_S))
+        return messages, time.monotonic()
 
     async def _collect(self, carry: _Carry, heartbeat: Heartbeat) -> Batch[Message]:
         settings = self.settings
@@ -351,12 +393,21 @@ class QueueRunner:
         wait = 0.0 if batch else max(self.policy.poll_wait_s, MIN_LONG_POLL_S)
         while True:
             want = min(settings.batch_size - len(batch), source.max_receive_batch)
-            messages = await source.receive(want, wait)
+            prefetch, carry.prefetch = carry.prefetch, None
+            if prefetch is not None:  # the receive this loop would make, already under way
+                try:
+                    messages, received_at = await prefetch
+                except BaseException:
+                    if not prefetch.done():
+                        carry.messages.extend(await _abandon(prefetch))
+                    raise
+            else:
+                messages = await source.receive(want, wait)
+                received_at = time.monotonic()
             self.health.ok()
             if len(messages) >= want:
                 self._depth_looks_stale()
             if messages:
-                received_at = time.monotonic()
                 messages = await self._admit(messages, batch, carry)
                 for message in messages:
                     if not batch.add(message):
@@ -529,19 +580,30 @@ class QueueRunner:
         return None
 
 
+async def _abandon(prefetch: asyncio.Task[tuple[list[Message], float]]) -> list[Message]:
+    """Stop a prefetch nobody will use; the messages it had already received, if any."""
+    prefetch.cancel()
+    with contextlib.suppress(BaseException):
+        messages, _ = await prefetch
+        return messages
+    return []
+
+
 class _Carry:
     """What a poller carries from one receive to its batch's settlement.
 
     ``messages``: received but held back by the size cap for the next batch (all from one
     receive: a batch takes what is held before it receives again). ``filtered`` and
     ``dead_lettered``: messages of the batch being gathered that were settled without an
-    invoke, for the batch's settlement line.
+    invoke, for the batch's settlement line. ``prefetch``: the next batch's first receive,
+    sent while this batch's invoke runs.
     """
 
-    __slots__ = ("dead_lettered", "filtered", "messages", "received_at")
+    __slots__ = ("dead_lettered", "filtered", "messages", "prefetch", "received_at")
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
+        self.prefetch: asyncio.Task[tuple[list[Message], float]] | None = None
         self.received_at = math.inf  # monotonic time of that receive
         self.filtered = 0
         self.dead_lettered = 0

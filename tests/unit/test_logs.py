@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -10,7 +11,7 @@ import sys
 import time
 from datetime import datetime
 
-from poller.logs import JsonLog, timestamp
+from poller.logs import FLUSH_BYTES, FLUSH_DELAY_S, JsonLog, timestamp
 
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -69,3 +70,36 @@ def test_nothing_in_poller_logs_outside_the_daemons_json_log() -> None:
     import poller.logs
 
     assert not any(isinstance(v, JsonLog) for v in vars(poller.logs).values())
+
+
+async def test_records_are_written_together_a_few_milliseconds_later_in_order() -> None:
+    stream = io.BytesIO()
+    log = JsonLog(stream)
+    log.info("one")
+    log.write(b'{"message":"two"}\n')
+    await asyncio.sleep(0)
+    assert stream.getvalue() == b""  # not one write per record or per loop turn
+    await asyncio.sleep(FLUSH_DELAY_S * 4)
+    assert [r["message"] for r in _records(stream)] == ["one", "two"]
+    log.write(b"x" * FLUSH_BYTES + b"\n")  # a burst past the limit goes out at once
+    assert len(stream.getvalue()) > FLUSH_BYTES
+
+
+async def test_a_warning_is_written_at_once_with_what_came_before_it() -> None:
+    stream = io.BytesIO()
+    log = JsonLog(stream)
+    log.info("before")
+    log.warning("now")
+    assert [r["message"] for r in _records(stream)] == ["before", "now"]
+
+
+def test_records_waiting_for_their_timer_are_written_when_the_process_exits() -> None:
+    code = (
+        "import asyncio, sys\n"
+        "from poller.logs import JsonLog\n"
+        "async def main():\n"
+        "    JsonLog(sys.stdout.buffer).info('last words')\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    assert json.loads(out)["message"] == "last words"

@@ -24,7 +24,8 @@ Throughput: concurrent receive() calls of one source are merged into one
 ``XREADGROUP COUNT sum`` whose entries are split among the callers (each gets at most what it
 asked for; nothing is held back: entries read for a caller that was cancelled meanwhile are
 released at once), and delete() calls that arrive while an ack is in flight go out together in
-the next one (acks.py). The redelivery scan (XAUTOCLAIM) runs every visibility_timeout/4, just
+the next one (acks.py); acks queued when a read goes out are written with it, ahead of it, in
+one round trip. The redelivery scan (XAUTOCLAIM) runs every visibility_timeout/4, just
 before a read, not on every receive; it is not pipelined with the XREADGROUP because together
 they could return more entries than the callers asked for.
 
@@ -145,7 +146,7 @@ class RedisQueue:
         self._scripts: dict[str, AsyncScript] = {}
         self._closed = False
         self._receiver = Receiver(self)
-        self._acks = GroupCommit(self._ack)
+        self._acks = GroupCommit(self._ack, self._receiver.read_coming)
 
     def __repr__(self) -> str:
         return f"RedisQueue({self.display_uri!r}, group={self.group!r}, consumer={self.consumer!r})"
@@ -236,8 +237,9 @@ class RedisQueue:
         """Stop pending reads, flush acks, retire our consumer if it owns nothing."""
         if self._closed:
             return
-        await self._acks.settle(5)
         await self._receiver.close()
+        # After the reads: a cancelled read gives back the acks it carried.
+        await self._acks.settle(5)
 
         async def retire(client: aioredis.Redis) -> None:
             if self.reader:
@@ -381,6 +383,15 @@ class RedisQueue:
     async def _ack(self, ids: list[str]) -> None:
         """XACK (with XDEL in the same MULTI/EXEC when delete_on_ack), every chunk in one
         write."""
+        data, replies = self._pack_ack(ids)
+
+        async def go(_: aioredis.Redis) -> Any:
+            return await self._link.raw(data, replies)
+
+        await self._call("delete", go)
+
+    def _pack_ack(self, ids: list[str]) -> tuple[bytes, int]:
+        """The commands that acknowledge ``ids``, packed, and how many replies they get."""
         key, group = self._key, self._group_b
         packed: list[bytes] = []
         replies = 0
@@ -396,9 +407,4 @@ class RedisQueue:
             else:
                 packed.append(pack((b"XACK", key, group, *chunk)))
                 replies += 1
-        data = b"".join(packed)
-
-        async def go(_: aioredis.Redis) -> Any:
-            return await self._link.raw(data, replies)
-
-        await self._call("delete", go)
+        return b"".join(packed), replies

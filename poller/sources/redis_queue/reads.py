@@ -67,6 +67,10 @@ class Receiver:
             if not request.future.done():
                 request.future.set_result([])
 
+    def read_coming(self) -> bool:
+        """Whether a read goes out later in this loop turn (acks may ride along with it)."""
+        return self._read_scheduled
+
     async def receive(self, max_messages: int, wait_s: float) -> list[Message]:
         """Up to max_messages: redelivered (expired) entries first, then new ones; waits up
         to wait_s for the first. Concurrent calls share round trips (module docstring)."""
@@ -226,15 +230,36 @@ class Receiver:
         task.add_done_callback(self._tasks.discard)
 
     async def _read_new(self, count: int, block_ms: int) -> list[Message]:
-        if block_ms >= 1:
+        queue = self._queue
+        ack_ids, acks = queue._acks.take()
+        replies = 1
+        if acks:
+            # Queued acks ride along, ahead of the read: one write and one round trip for both.
+            # The read does not block then (the acks must not wait for new entries); if it
+            # finds nothing, _read asks again with a blocking read.
+            packed, replies = queue._pack_ack(ack_ids)
+            packed += pack((*self._read_head, count, *self._read_tail))
+            replies += 1
+            block_ms = 0
+        elif block_ms >= 1:
             packed = pack((*self._read_head, count, b"BLOCK", block_ms, *self._read_tail))
         else:  # BLOCK 0 would mean forever
             packed = pack((*self._read_head, count, *self._read_tail))
 
         async def go(_: aioredis.Redis) -> Any:
-            return (await self._queue._link.raw(packed, 1, block_ms))[0]
+            return (await queue._link.raw(packed, replies, block_ms))[-1]
 
-        reply = await self._queue._call("receive", go)
+        try:
+            reply = await queue._call("receive", go)
+        except Exception as exc:
+            queue._acks.done(acks, exc)
+            raise
+        except BaseException:
+            # Cancelled: whether the acks reached the server is unknown; an XACK may be sent
+            # again safely.
+            queue._acks.give_back(ack_ids, acks)
+            raise
+        queue._acks.done(acks)
         if not reply:
             return []
         # RESP2: [[key, entries]]
