@@ -9,13 +9,7 @@ far as everything before it is settled (engine/checkpoints.py). Throttles, sourc
 destination that is down and shutdown are waited out without using an attempt. A closed shard
 read to its end is checkpointed at SHARD_END, which lets its children start.
 
-Checkpoints are written behind the lanes, one write at a time per shard and at most one per
-CHECKPOINT_INTERVAL_S: a lane invokes its next batch while the checkpoint of its last one is
-being written, and what settles meanwhile goes into the next write (only the newest position is
-written). A lane waits before invoking again once a settled position is queued behind a write
-still out, so a crash repeats at most the batches in flight, what settled in the last interval
-and the records of the write that was out (and a batch per lane queued behind it); a graceful
-stop and a shard's end write everything settled first.
+Checkpoints are written behind the lanes (engine/shard_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -34,6 +28,7 @@ from poller.engine.batching import MISSING, Batch, Identify, parse_stream_respon
 from poller.engine.checkpoints import SHARD_END, ShardProgress
 from poller.engine.destinations import failure_batch_info, send_failure
 from poller.engine.health import FUNCTION_FAILED, invoke_failure
+from poller.engine.shard_checkpoints import ShardCheckpoints, Stopped
 from poller.engine.shard_reading import ShardReading
 from poller.engine.windows import Window, too_big, window_of
 from poller.events import invocation_record
@@ -48,15 +43,6 @@ if TYPE_CHECKING:
 
 _decode = msgspec.json.Decoder().decode
 
-# A shard's checkpoint is written at most this often: batches that settle faster share a write.
-# Short next to a batch of a handler that does any work, so a crash repeats little more than
-# the batches in flight; long next to a write, so a fast shard does not spend its time on them.
-CHECKPOINT_INTERVAL_S: Final = 0.01
-
-
-class Stopped(Exception):
-    """The shard is being let go: what is not settled is read again from the checkpoint."""
-
 
 class _Lane:
     __slots__ = ("queue", "wake")
@@ -66,7 +52,7 @@ class _Lane:
         self.wake = asyncio.Event()
 
 
-class ShardProcessor(ShardReading):
+class ShardProcessor(ShardCheckpoints, ShardReading):
     def __init__(self, runner: StreamRunner, shard: Shard) -> None:
         self.runner = runner
         self.shard = shard
@@ -91,15 +77,7 @@ class ShardProcessor(ShardReading):
         self._token = 0
         self._space = asyncio.Event()
         self._stopped = asyncio.Event()
-        # The checkpoint writer's side: the newest checkpoint asked for, the one waiting for the
-        # writer (None: nothing new), whether no write is out, and no more to come.
-        self._latest = Checkpoint()
-        self._wanted: Checkpoint | None = None
-        self._want = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._draining = False
-        self._drained = asyncio.Event()
+        self._init_writer()
         self._reader: Any = None
         self._fields = {**runner.fields, "shard": shard.id}
         # What a source with events of its own shape (Kafka's, §7.5) says about them: the
@@ -601,62 +579,3 @@ class ShardProcessor(ShardReading):
                 destination=destination.shown,
             )
         self.progress.settle(records)
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    async def _advance(self) -> None:
-        """Checkpoint as far as the settled records go (with the window's state): hand the
-        position to the writer, and wait if one is still queued behind a write that is out."""
-        position = self.progress.advance()
-        window = None if self.window is None else self.window.saved()
-        latest = self._latest
-        if position is None and window == latest.window:
-            return
-        self._latest = self._wanted = Checkpoint(position or latest.position, window)
-        self._want.set()
-        idle = self._idle
-        while self._wanted is not None and not idle.is_set() and not self.stopping:
-            await idle.wait()
-
-    async def _checkpointer(self) -> None:
-        """Write the newest checkpoint asked for, one write at a time, until drained."""
-        want, idle, drained = self._want, self._idle, self._drained
-        while True:
-            checkpoint = self._wanted
-            if checkpoint is None:
-                if self._draining:
-                    return
-                want.clear()
-                await want.wait()
-                continue
-            self._wanted = None
-            idle.clear()
-            started = time.monotonic()
-            try:
-                await self._write(checkpoint)
-            except BaseException:
-                # Lanes must not go on settling what can no longer be checkpointed.
-                self.stopping = True
-                self._wake_all()
-                raise
-            finally:
-                idle.set()
-            rest = started + CHECKPOINT_INTERVAL_S - time.monotonic()
-            if rest > 0 and not self._draining:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(drained.wait(), rest)
-
-    async def _write(self, checkpoint: Checkpoint) -> None:
-        runner = self.runner
-        try:
-            await self._state(
-                "checkpoint",
-                lambda: runner.ownership.write(self.shard, self._token, checkpoint),
-            )
-        except StaleClaimError as exc:
-            runner.log.error(f"{exc}; letting the shard go", **self._fields)
-            self.lost = True
-            self.stopping = True
-            self._wake_all()
-            raise Stopped from None
-        self.checkpoint = checkpoint
-        runner.metrics.checkpoints.inc()
