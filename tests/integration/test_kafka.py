@@ -9,6 +9,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from poller.sources.kafka import batches
+from poller.sources.kafka.records import RecordEncoder
 from tests.integration.kafka_harness import (
     KafkaHarness,
     committed,
@@ -355,3 +359,52 @@ async def test_a_revoked_partition_settles_and_commits_its_batch_before_it_is_re
             assert len(first.processors) == 1 and len(second.processors) == 1
     assert sorted(handled()) == sorted(set(handled()))  # none twice
     assert any("before handing them over" in r.get("message", "") for r in a.logs())
+
+
+def _read_all(bootstrap: str, topic: str, count: int, *, decoded: bool) -> list[Any]:
+    """Every record of partition 0 as StreamRecords: parsed by poller's batches.py, or
+    kafka-python's ConsumerRecords through the encoder."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    encoder = RecordEncoder()
+    assert batches.install(consumer, encoder) if decoded else True
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    got: list[Any] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(got) < count and time.monotonic() < deadline:
+            for raw in consumer.poll(timeout_ms=500).values():
+                got.extend(raw if decoded else encoder.encode(raw))
+    finally:
+        consumer.close()
+    return got
+
+
+def test_the_brokers_batches_parse_as_kafka_python_parses_them(kafka_bootstrap: str) -> None:
+    """What the broker sends, plain and gzip-compressed, small and large, keyed or not, with
+    headers: poller's own parsing gives the records kafka-python's gives, byte for byte."""
+    topic = unique("parse")
+    create_topic(kafka_bootstrap, topic, 1)
+    messages: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        (f"k{i % 13}".encode() if i % 5 else None, b"v" * (i % 300), []) for i in range(2000)
+    ]
+    messages[7] = (b"tomb", None, [])
+    messages[8] = (None, b"headed", [("h", b"\x00\xff"), ("e", b"")])
+    messages[9] = (b"big", b"\xab" * 50_000, [])
+    for compression in (None, "gzip"):
+        producer = KafkaProducer(
+            bootstrap_servers=kafka_bootstrap, linger_ms=20, compression_type=compression
+        )
+        for key, value, headers in messages:
+            producer.send(topic, key=key, value=value, headers=headers, partition=0)
+        producer.flush(30)
+        producer.close(10)
+    total = 2 * len(messages)
+    fast = _read_all(kafka_bootstrap, topic, total, decoded=True)
+    reference = _read_all(kafka_bootstrap, topic, total, decoded=False)
+    assert len(fast) == len(reference) == total
+    assert [r.sequence for r in fast] == [str(i) for i in range(total)]
+    assert [(r.sequence, r.partition_key, r.arrival, r.encoded) for r in fast] == [
+        (r.sequence, r.partition_key, r.arrival, r.encoded) for r in reference
+    ]

@@ -28,7 +28,7 @@ Raw = namedtuple("Raw", "topic partition offset timestamp timestamp_type key val
 
 def _event(shard: str, records: list[Any]) -> dict[str, Any]:
     head, tail = envelope("b1:9092,b2:9092", shard)
-    encoded = RecordEncoder().encode(shard, records)
+    encoded = RecordEncoder().encode(records)
     return json.loads(head + b",".join(r.encoded for r in encoded) + tail)
 
 
@@ -70,7 +70,6 @@ def test_records_have_lambdas_kafka_shape() -> None:
 
 def test_stream_records_carry_offset_key_and_time() -> None:
     [keyed, keyless] = RecordEncoder().encode(
-        "t-0",
         [Raw("t", 0, 7, 2000, 0, b"k", b"v", []), Raw("t", 0, 8, 3000, 0, None, b"v", [])],
     )
     assert (keyed.sequence, keyed.arrival, keyed.size) == ("7", 2.0, len(keyed.encoded))
@@ -80,7 +79,7 @@ def test_stream_records_carry_offset_key_and_time() -> None:
 
 
 def test_a_topic_with_a_percent_sign_in_its_json_is_safe() -> None:
-    [record] = RecordEncoder().encode("a%b-0", [Raw("a%b", 0, 1, 1, 0, None, b"x", [])])
+    [record] = RecordEncoder().encode([Raw("a%b", 0, 1, 1, 0, None, b"x", [])])
     assert json.loads(record.encoded)["topic"] == "a%b"
 
 
@@ -117,7 +116,7 @@ def test_partial_responses_in_kafkas_form() -> None:
 
 def test_batch_info_of_an_on_failure_record() -> None:
     records = RecordEncoder().encode(
-        "t-0", [Raw("t", 0, 3, 1000, 0, None, b"a", []), Raw("t", 0, 4, 2500, 0, None, b"b", [])]
+        [Raw("t", 0, 3, 1000, 0, None, b"a", []), Raw("t", 0, 4, 2500, 0, None, b"b", [])]
     )
     info = batch_info("b:9092", "kafka://b:9092/t", "t-0", records, 50)
     assert info == {

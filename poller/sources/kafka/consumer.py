@@ -32,6 +32,7 @@ from kafka.future import Future as KafkaFuture
 from kafka.structs import OffsetAndMetadata
 
 from poller.sources.base import StartAt, StreamRecord
+from poller.sources.kafka import batches
 from poller.sources.kafka.records import RecordEncoder
 
 POLL_TIMEOUT_MS: Final = 20  # how long a poll waits; commands wait at most this long
@@ -96,6 +97,8 @@ class ConsumerThread:
         self.loop = loop
         self.sink = sink
         self.consumer: KafkaConsumer | None = None
+        # Polls return StreamRecords (batches.py), not ConsumerRecords to encode here.
+        self.decoded = False
         self.closing = False
         self.generation = 0
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -177,6 +180,7 @@ class ConsumerThread:
                 max_poll_records=UNLIMITED_POLL_RECORDS,
                 **self.options,
             )
+            self.decoded = batches.install(self.consumer, self.encoder)
             self.consumer.subscribe(self.topics, listener=_Listener(self))
         except Exception as exc:
             self._post(self.sink.on_started, exc)
@@ -226,15 +230,15 @@ class ConsumerThread:
                 consumer.resume(tp)
 
     def _hand_over(self, polled: dict[TopicPartition, list[Any]]) -> None:
-        batches = []
+        handed = []
         for tp, raw in polled.items():
             epoch = self._opened.get(tp)
             if epoch is None:
                 continue  # not open (yet): read again from the offset it is opened at
             shard = f"{tp.topic}-{tp.partition}"
-            batches.append((shard, epoch, self.encoder.encode(shard, raw)))
-        if batches:
-            self._post(self.sink.on_records, batches)
+            handed.append((shard, epoch, raw if self.decoded else self.encoder.encode(raw)))
+        if handed:
+            self._post(self.sink.on_records, handed)
 
     def _resolve_assignment(self) -> None:
         """Committed offsets of the partitions just assigned, and where the others start

@@ -27,15 +27,18 @@ def iso_ms(epoch: float) -> str:
 
 
 class RecordEncoder:
-    """ConsumerRecords to StreamRecords: each payload is base64-encoded once, straight into the
-    record's JSON through templates made once per partition (no dict on the way)."""
+    """Kafka records to StreamRecords: each payload is base64-encoded once, straight into the
+    record's JSON through templates made once per partition (no dict on the way). The records
+    come from ``batches.py`` (parsed from the fetched bytes) or, where that cannot be installed,
+    as kafka-python's ConsumerRecords (``encode``)."""
 
     def __init__(self) -> None:
         self._templates: dict[tuple[str, int], tuple[bytes, bytes]] = {}
 
-    def _templates_of(self, topic: str, partition: int) -> tuple[bytes, bytes]:
-        """The general template, and the one of the usual record (key and value, no headers,
-        CREATE_TIME) with everything else already in it."""
+    def templates(self, topic: str, partition: int) -> tuple[bytes, bytes]:
+        """The general template (``encode_fields``), and the one of the usual record (key and
+        value, no headers, CREATE_TIME) with everything else already in it: ``usual % (offset,
+        timestamp, key in base64, value in base64)``."""
         templates = self._templates.get((topic, partition))
         if templates is None:
             head = (
@@ -50,35 +53,53 @@ class RecordEncoder:
             )
         return templates
 
-    def encode(self, shard: str, raw: list[Any]) -> list[StreamRecord]:
+    def encode(self, raw: list[Any]) -> list[StreamRecord]:
+        """kafka-python's ConsumerRecords of one partition."""
         b64 = binascii.b2a_base64
         records: list[StreamRecord] = []
         if not raw:
             return records
         append = records.append
-        general, usual = self._templates_of(raw[0].topic, raw[0].partition)
+        general, usual = self.templates(raw[0].topic, raw[0].partition)
         for r in raw:
             key, value, offset, timestamp = r.key, r.value, r.offset, r.timestamp
             if key is not None and value is not None and not r.headers and r.timestamp_type != 1:
                 key_b64 = b64(key, newline=False)
                 encoded = usual % (offset, timestamp, key_b64, b64(value, newline=False))
                 append(StreamRecord(str(offset), key_b64.decode(), timestamp / 1000, encoded))
-                continue
-            key_b64 = b64(key, newline=False) if key is not None else None
-            headers = r.headers
-            encoded = general % (
-                offset,
-                timestamp,
-                b"LOG_APPEND_TIME" if r.timestamp_type == 1 else b"CREATE_TIME",
-                b',"key":"' + key_b64 + b'"' if key_b64 is not None else b"",
-                b',"value":"' + b64(value, newline=False) + b'"' if value is not None else b"",
-                _headers(headers) if headers else b"[]",
-            )
-            # A record without a key goes to the lane of the other keyless ones: their order
-            # within the partition holds whatever the ParallelizationFactor.
-            partition_key = key_b64.decode() if key_b64 is not None else ""
-            append(StreamRecord(str(offset), partition_key, timestamp / 1000, encoded))
+            else:
+                append(
+                    encode_fields(
+                        general, offset, timestamp, r.timestamp_type == 1, key, value, r.headers
+                    )
+                )
         return records
+
+
+def encode_fields(
+    general: bytes,
+    offset: int,
+    timestamp: int,
+    log_append_time: bool,
+    key: bytes | bytearray | None,
+    value: bytes | bytearray | None,
+    headers: list[tuple[str, bytes | None]] | None,
+) -> StreamRecord:
+    """Any record, through its partition's general template."""
+    b64 = binascii.b2a_base64
+    key_b64 = b64(key, newline=False) if key is not None else None
+    encoded = general % (
+        offset,
+        timestamp,
+        b"LOG_APPEND_TIME" if log_append_time else b"CREATE_TIME",
+        b',"key":"' + key_b64 + b'"' if key_b64 is not None else b"",
+        b',"value":"' + b64(value, newline=False) + b'"' if value is not None else b"",
+        _headers(headers) if headers else b"[]",
+    )
+    # A record without a key goes to the lane of the other keyless ones: their order within
+    # the partition holds whatever the ParallelizationFactor.
+    partition_key = key_b64.decode() if key_b64 is not None else ""
+    return StreamRecord(str(offset), partition_key, timestamp / 1000, encoded)
 
 
 def _headers(headers: list[tuple[str, bytes | None]]) -> bytes:
