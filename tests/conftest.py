@@ -163,8 +163,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--fault-rounds",
         type=int,
-        default=2,
-        help="rounds per source (default 2; a long run: 50 or more)",
+        default=1,
+        help="rounds per source (default 1, a new seed each run; a long run: 30 or more)",
     )
     group.addoption(
         "--fault-seed",

@@ -3,8 +3,9 @@
 Each round starts a real `poller run` against real servers and injects faults at random
 moments (a daemon or worker SIGKILLed, the daemon SIGSTOPped past its visibility timeout,
 the server killed and restarted, connections dropped, stalled or half-closed by a proxy),
-then checks what harness.Round.check says. The default run does a few rounds per source;
-``pytest -m fault --fault-rounds 30`` is the long one (tests/fault/RESULTS.md has its figures).
+then checks what harness.Round.check says. The default run does one round per source, a new
+seed each run; ``pytest -m fault --fault-rounds 30`` is the long one (tests/fault/RESULTS.md has
+its figures).
 The seed is printed; ``--fault-seed N`` replays a run.
 """
 

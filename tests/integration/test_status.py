@@ -216,6 +216,13 @@ def test_status_of_a_daemon_that_is_not_running_is_a_clear_error(tmp_path: Path)
     assert "[daemon] http_listen" in result.stderr and str(config) in result.stderr
 
 
+def _interruptible() -> None:
+    """In the watcher, before it starts: SIGINT as a terminal delivers it. A suite started in
+    the background by a shell (``pytest &``) passes SIGINT on ignored, and Python then leaves
+    it ignored, so the watcher would not stop on the SIGINT these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_watch_redraws_in_place_and_survives_a_restart(
     daemon: DaemonProcess,
 ) -> None:
@@ -226,6 +233,7 @@ def test_watch_redraws_in_place_and_survives_a_restart(
             stdout=sink,
             stderr=subprocess.STDOUT,
             cwd=daemon.config.parent,
+            preexec_fn=_interruptible,
         )
         try:
             wait_for(lambda: out.read_bytes().count(b"\x1b[H") >= 2, 30, "two frames")
@@ -257,6 +265,7 @@ def test_watch_json_prints_one_document_per_line(daemon: DaemonProcess) -> None:
         stdout=subprocess.PIPE,
         cwd=daemon.config.parent,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_interruptible,
     )
     assert watcher.stdout is not None
     lines = [watcher.stdout.readline(), watcher.stdout.readline()]

@@ -395,7 +395,7 @@ async def test_heartbeat_extends_visibility_for_slow_invokes(handler_dir: Path) 
 
 async def test_no_receive_without_a_free_function_slot(handler_dir: Path) -> None:
     runtime = _runtime(
-        handler_dir, "slow", timeout_s=10, reserved_concurrency=1, environment={"SLEEP": "1"}
+        handler_dir, "slow", timeout_s=10, reserved_concurrency=1, environment={"SLEEP": "0.3"}
     )
     source = StubQueue()
     for i in range(3):
