@@ -322,7 +322,7 @@ class ShardProcessor(ShardCheckpoints, ShardReading):
         limit, cap = batch.max_records, batch.max_bytes
         while queue and count < limit:
             record = queue[0]
-            extra = record.size + (1 if count else 0)
+            extra = len(record.encoded) + (1 if count else 0)
             if size + extra > cap:
                 if not batch.too_big_alone(record):
                     break
