@@ -1,14 +1,15 @@
 """Kafka record batches decoded straight into the engine's records.
 
 kafka-python turns every record of a fetch into two objects (its ``DefaultRecord``, then a
-``ConsumerRecord``), with a function call per varint and a property per batch field on the
-way; poller then read those objects once more to write the §7.5 JSON. That was the largest
-CPU cost of a Kafka mapping, larger than everything else in the daemon (bench/RESULTS.md,
-Kafka). Here the consumer's fetcher hands over ``StreamRecord``\\ s instead: a message-format-v2
-batch is parsed from its bytes, each record written into its partition's template as it is
-read. kafka-python still does everything around the parsing: fetches, positions, CRC checks,
-decompression, pausing. Older batches (message format v0/v1, from brokers before 0.11) go
-through kafka-python's own records and the encoder's general path.
+13-field ``ConsumerRecord``), reading batch fields through properties and calling two
+deserializers for each record on the way; poller then read those objects once more to write
+the §7.5 JSON. That was the largest CPU cost of a Kafka mapping, larger than everything else
+in the daemon (bench/RESULTS.md, Kafka). Here the consumer's fetcher hands over
+``StreamRecord``\\ s instead: a message-format-v2 batch is parsed from its bytes, each record
+written into its partition's template as it is read. kafka-python still does everything
+around the parsing: fetches, positions, CRC checks, decompression, pausing. Older batches
+(message format v0/v1, from brokers before 0.11) go through kafka-python's own records and the
+encoder's general path.
 
 This reaches into kafka-python's fetcher (``Fetcher.PartitionRecords``, one class per fetched
 partition): ``install`` checks that the fetcher still has that shape and says so when it does
@@ -31,7 +32,7 @@ _PARTITION_RECORDS = getattr(Fetcher, "PartitionRecords", None)
 
 
 def _varint(buf: bytearray, pos: int) -> tuple[int, int]:
-    """A zigzag varint of any length (the one-byte ones are read inline where they are common)."""
+    """A zigzag varint, and the position after it."""
     result = 0
     shift = 0
     while True:
@@ -158,46 +159,22 @@ class _StreamRecordsMixin:
         varint = _varint
         read_from = pos
         for _ in range(count):
-            byte = buf[pos]
-            if byte < 0x80:
-                length, pos = (byte >> 1) ^ -(byte & 1), pos + 1
-            else:
-                length, pos = varint(buf, pos)
+            length, pos = varint(buf, pos)
             body = pos
             pos += 1  # attributes: no record-level attribute is defined
-            byte = buf[pos]
-            if byte < 0x80:
-                ts_delta, pos = (byte >> 1) ^ -(byte & 1), pos + 1
-            else:
-                ts_delta, pos = varint(buf, pos)
-            byte = buf[pos]
-            if byte < 0x80:
-                offset_delta, pos = (byte >> 1) ^ -(byte & 1), pos + 1
-            else:
-                offset_delta, pos = varint(buf, pos)
-            byte = buf[pos]
-            if byte < 0x80:
-                key_len, pos = (byte >> 1) ^ -(byte & 1), pos + 1
-            else:
-                key_len, pos = varint(buf, pos)
+            ts_delta, pos = varint(buf, pos)
+            offset_delta, pos = varint(buf, pos)
+            key_len, pos = varint(buf, pos)
             key = None
             if key_len >= 0:
                 key = buf[pos : pos + key_len]
                 pos += key_len
-            byte = buf[pos]
-            if byte < 0x80:
-                value_len, pos = (byte >> 1) ^ -(byte & 1), pos + 1
-            else:
-                value_len, pos = varint(buf, pos)
+            value_len, pos = varint(buf, pos)
             value = None
             if value_len >= 0:
                 value = buf[pos : pos + value_len]
                 pos += value_len
-            byte = buf[pos]
-            if byte < 0x80:
-                header_count, pos = (byte >> 1) ^ -(byte & 1), pos + 1
-            else:
-                header_count, pos = varint(buf, pos)
+            header_count, pos = varint(buf, pos)
             headers = None
             if header_count:
                 headers, pos = _headers(buf, pos, header_count)
