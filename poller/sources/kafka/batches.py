@@ -18,7 +18,6 @@ not, and the consumer then takes kafka-python's records as they are.
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +25,7 @@ from kafka.consumer.fetcher import Fetcher
 from kafka.errors import CorruptRecordError
 
 from poller.sources.base import StreamRecord
-from poller.sources.kafka.records import RecordEncoder, encode_fields
+from poller.sources.kafka.records import RecordEncoder, encode_record
 
 _PARTITION_RECORDS = getattr(Fetcher, "PartitionRecords", None)
 
@@ -120,7 +119,7 @@ class _StreamRecordsMixin:
         self.drain()
 
     def _legacy(self, tp: Any, batch: Any) -> Iterator[StreamRecord]:
-        general, _ = self.encoder.templates(tp.topic, tp.partition)
+        templates = self.encoder.templates(tp.topic, tp.partition)
         fetch_offset = self.fetch_offset
         for record in batch:
             if self.check_crcs and not record.validate_crc():
@@ -132,8 +131,8 @@ class _StreamRecordsMixin:
             self.records_read += 1
             self.bytes_read += record.size_in_bytes
             self.next_fetch_offset = record.offset + 1
-            yield encode_fields(
-                general,
+            yield encode_record(
+                templates,
                 record.offset,
                 record.timestamp,
                 record.timestamp_type == 1,
@@ -154,8 +153,7 @@ class _StreamRecordsMixin:
         log_append = batch.timestamp_type == 1
         log_append_ts = batch.max_timestamp
         fetch_offset = self.fetch_offset
-        general, usual = self.encoder.templates(tp.topic, tp.partition)
-        b64 = binascii.b2a_base64
+        templates = self.encoder.templates(tp.topic, tp.partition)
         varint = _varint
         read_from = pos
         for _ in range(count):
@@ -185,16 +183,7 @@ class _StreamRecordsMixin:
                 continue  # the fetch began inside this batch
             timestamp = log_append_ts if log_append else first_ts + ts_delta
             self.next_fetch_offset = offset + 1
-            if key is not None and value is not None and headers is None and not log_append:
-                key_b64 = b64(key, newline=False)
-                yield StreamRecord(
-                    str(offset),
-                    key_b64.decode(),
-                    timestamp / 1000,
-                    usual % (offset, timestamp, key_b64, b64(value, newline=False)),
-                )
-            else:
-                yield encode_fields(general, offset, timestamp, log_append, key, value, headers)
+            yield encode_record(templates, offset, timestamp, log_append, key, value, headers)
         # kafka-python's fetch metrics, counted per batch here rather than per record
         self.records_read += count
         self.bytes_read += pos - read_from

@@ -36,9 +36,9 @@ class RecordEncoder:
         self._templates: dict[tuple[str, int], tuple[bytes, bytes]] = {}
 
     def templates(self, topic: str, partition: int) -> tuple[bytes, bytes]:
-        """The general template (``encode_fields``), and the one of the usual record (key and
-        value, no headers, CREATE_TIME) with everything else already in it: ``usual % (offset,
-        timestamp, key in base64, value in base64)``."""
+        """The partition's templates for ``encode_record``: the general one, and the one of the
+        usual record (key and value, no headers, CREATE_TIME) with everything else already in
+        it."""
         templates = self._templates.get((topic, partition))
         if templates is None:
             head = (
@@ -55,29 +55,19 @@ class RecordEncoder:
 
     def encode(self, raw: list[Any]) -> list[StreamRecord]:
         """kafka-python's ConsumerRecords of one partition."""
-        b64 = binascii.b2a_base64
-        records: list[StreamRecord] = []
         if not raw:
-            return records
-        append = records.append
-        general, usual = self.templates(raw[0].topic, raw[0].partition)
-        for r in raw:
-            key, value, offset, timestamp = r.key, r.value, r.offset, r.timestamp
-            if key is not None and value is not None and not r.headers and r.timestamp_type != 1:
-                key_b64 = b64(key, newline=False)
-                encoded = usual % (offset, timestamp, key_b64, b64(value, newline=False))
-                append(StreamRecord(str(offset), key_b64.decode(), timestamp / 1000, encoded))
-            else:
-                append(
-                    encode_fields(
-                        general, offset, timestamp, r.timestamp_type == 1, key, value, r.headers
-                    )
-                )
-        return records
+            return []
+        templates = self.templates(raw[0].topic, raw[0].partition)
+        return [
+            encode_record(
+                templates, r.offset, r.timestamp, r.timestamp_type == 1, r.key, r.value, r.headers
+            )
+            for r in raw
+        ]
 
 
-def encode_fields(
-    general: bytes,
+def encode_record(
+    templates: tuple[bytes, bytes],
     offset: int,
     timestamp: int,
     log_append_time: bool,
@@ -85,8 +75,13 @@ def encode_fields(
     value: bytes | bytearray | None,
     headers: list[tuple[str, bytes | None]] | None,
 ) -> StreamRecord:
-    """Any record, through its partition's general template."""
+    """One record through its partition's templates (``RecordEncoder.templates``)."""
     b64 = binascii.b2a_base64
+    general, usual = templates
+    if key is not None and value is not None and not headers and not log_append_time:
+        key_b64 = b64(key, newline=False)
+        encoded = usual % (offset, timestamp, key_b64, b64(value, newline=False))
+        return StreamRecord(str(offset), key_b64.decode(), timestamp / 1000, encoded)
     key_b64 = b64(key, newline=False) if key is not None else None
     encoded = general % (
         offset,
