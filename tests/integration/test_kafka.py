@@ -366,7 +366,8 @@ def _read_all(bootstrap: str, topic: str, count: int, *, decoded: bool) -> list[
     kafka-python's ConsumerRecords through the encoder."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     encoder = RecordEncoder()
-    assert batches.install(consumer, encoder) if decoded else True
+    if decoded:
+        assert batches.install(consumer, encoder)
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])
     consumer.seek_to_beginning(tp)

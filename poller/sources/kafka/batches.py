@@ -8,8 +8,7 @@ in the daemon (bench/RESULTS.md, Kafka). Here the consumer's fetcher hands over
 ``StreamRecord``\\ s instead: a message-format-v2 batch is parsed from its bytes, each record
 written into its partition's template as it is read. kafka-python still does everything
 around the parsing: fetches, positions, CRC checks, decompression, pausing. Older batches
-(message format v0/v1, from brokers before 0.11) go through kafka-python's own records and the
-encoder's general path.
+(message format v0/v1, from brokers before 0.11) go through kafka-python's own records.
 
 This reaches into kafka-python's fetcher (``Fetcher.PartitionRecords``, one class per fetched
 partition): ``install`` checks that the fetcher still has that shape and says so when it does
