@@ -31,7 +31,7 @@ from poller.engine.health import FUNCTION_FAILED, invoke_failure
 from poller.engine.shard_checkpoints import ShardCheckpoints, Stopped
 from poller.engine.shard_reading import ShardReading
 from poller.engine.windows import Window, too_big, window_of
-from poller.events import invocation_record
+from poller.events import envelope, invocation_record
 from poller.logs import timestamp
 from poller.runtime.pool import Lease
 from poller.runtime.results import NOT_RUN, InvokeResult, Outcome, new_request_id
@@ -407,12 +407,8 @@ class ShardProcessor(ShardCheckpoints, ShardReading):
                 final=final,
                 terminated_early=False,
             )
-        event = (
-            self._head
-            + b",".join([r.encoded for r in records])
-            + self._tail
-            + members
-            + self._closing
+        event = envelope(
+            self._head, [r.encoded for r in records], self._tail + members + self._closing
         )
         count = len(records)
         metrics.invoked_count += count
@@ -552,7 +548,7 @@ class ShardProcessor(ShardCheckpoints, ShardReading):
         if getattr(destination, "wants_payload", False):
             # A destination that writes the records themselves (a Kafka topic, §5.4).
             record["payload"] = _decode(
-                self._head + b",".join([r.encoded for r in records]) + self._tail + self._closing
+                envelope(self._head, [r.encoded for r in records], self._tail + self._closing)
             )
         if destination is None:
             runner.metrics.dropped(condition).inc(len(records))

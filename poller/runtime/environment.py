@@ -356,20 +356,27 @@ class Environment:
         if self._capture is not None:
             self._capture.append(line)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, head: bytes, body: bytes) -> None:
+        """Write a frame's head and body with one writev (no copy of the body into a frame);
+        what the pipe does not take now is written when it is writable again."""
         if self._out:
-            self._out += data
+            self._out += head
+            self._out += body
             return
         try:
-            written = os.write(self._req_fd, data)
+            written = os.writev(self._req_fd, (head, body))
         except BlockingIOError:
             written = 0
         except OSError as exc:
             if exc.errno != errno.EPIPE:
                 raise
             return  # the worker is gone; _watch_exit reports it
-        if written < len(data):
-            self._out += data[written:]
+        if written < len(head) + len(body):
+            if written < len(head):
+                self._out += head[written:]
+                self._out += body
+            else:
+                self._out += memoryview(body)[written - len(head) :]
             self._loop.add_writer(self._req_fd, self._on_writable)
 
     def _on_writable(self) -> None:
@@ -425,13 +432,14 @@ class Environment:
             self._deadline_timer = self._loop.call_at(self._deadline, self._on_deadline)
         started = time.perf_counter()
         self._send(
-            protocol.invoke_frame(
+            protocol.invoke_head(
                 request_id,
                 int((time.time() + timeout_s) * 1000),
                 self._arn,
                 None if client_context is None else _encode(client_context),
-                event,
-            )
+                len(event),
+            ),
+            event,
         )
         try:
             kind, reply, body = await pending

@@ -45,15 +45,24 @@ def pack(head: bytes, body: bytes = b"") -> bytes:
     return _pack_prefix(len(head), len(body)) + head + body
 
 
-def invoke_frame(
-    request_id: str, deadline_ms: int, arn: str, client_context: bytes | None, event: bytes
+def invoke_head(
+    request_id: str, deadline_ms: int, arn: str, client_context: bytes | None, event_len: int
 ) -> bytes:
-    """The daemon's invoke frame; ``client_context`` is JSON bytes or None."""
+    """The daemon's invoke frame up to its event; ``client_context`` is JSON bytes or None.
+    The event follows it on the pipe as it is (a batch of up to 6 MB is not copied into a
+    frame)."""
     rid = request_id.encode()
     arn_b = arn.encode()
     cc = client_context or b""
     head = _pack_invoke(deadline_ms, len(rid), len(arn_b), len(cc)) + rid + arn_b + cc
-    return _pack_prefix(len(head), len(event)) + head + event
+    return _pack_prefix(len(head), event_len) + head
+
+
+def invoke_frame(
+    request_id: str, deadline_ms: int, arn: str, client_context: bytes | None, event: bytes
+) -> bytes:
+    """The whole invoke frame in one piece (for a writer without writev)."""
+    return invoke_head(request_id, deadline_ms, arn, client_context, len(event)) + event
 
 
 def parse_invoke(head: bytes) -> tuple[str, int, str, bytes | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from poller.events import SqsRecordShape, sqs_event
+from poller.events import SqsRecordShape, envelope, sqs_event
 
 BODIES = [
     "plain",
@@ -62,3 +62,10 @@ def test_sqs_event_matches_the_encoded_dict() -> None:
     parts = [msgspec.json.encode(r) for r in records]
     assert sqs_event(parts) == msgspec.json.encode({"Records": records})
     assert sqs_event([]) == msgspec.json.encode({"Records": []})
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 5])
+def test_envelope_is_head_joined_records_tail(count: int) -> None:
+    records = [b'{"n":%d}' % i for i in range(count)]
+    assert envelope(b"<", records, b">") == b"<" + b",".join(records) + b">"
+    assert records == [b'{"n":%d}' % i for i in range(count)]  # the caller's list is untouched
