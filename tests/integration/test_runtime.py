@@ -23,6 +23,7 @@ import pytest
 from poller.config import FunctionConfig
 from poller.logs import JsonLog
 from poller.runtime import pool as pool_module
+from poller.runtime import worker
 from poller.runtime.pool import Runtime
 from poller.runtime.results import Outcome
 
@@ -147,6 +148,25 @@ async def test_event_reaches_the_handler_unchanged() -> None:
     assert result.outcome is Outcome.OK
     assert json.loads(result.payload) == payload
     assert result.request_id == "my-request-1"
+
+
+async def test_a_worker_switches_to_msgspec_after_megabytes_of_events() -> None:
+    records = [{"body": f"record {i} é", "n": i, "f": i / 3} for i in range(20000)]
+    big = event({"Records": records})
+    before = math.ceil(worker.FAST_DECODE_AFTER_BYTES / len(big))
+    async with make_runtime(fn("decoder")) as (runtime, _):
+        small = await runtime.invoke("f", event({"a": 1}))
+        results = [await runtime.invoke("f", big) for _ in range(before + 1)]
+        odd = await runtime.invoke("f", b'{"nan": NaN, "big": 1e400}')
+    assert json.loads(small.payload)["fast"] is False
+    bodies = [json.loads(r.payload) for r in results]
+    # The import comes with the event that crosses the threshold; the stdlib decodes the rest.
+    assert [b["fast"] for b in bodies] == [False] * (before - 1) + [True, True]
+    assert all(b["count"] == 20000 and b["event"] == records[-3:] for b in bodies)
+    # msgspec refuses what only Python's json accepts: the stdlib decodes it, as before.
+    assert odd.outcome is Outcome.OK
+    decoded = json.loads(odd.payload)["event"]
+    assert math.isnan(decoded["nan"]) and decoded["big"] == math.inf
 
 
 async def test_decimal_results_are_json_numbers() -> None:

@@ -86,6 +86,45 @@ def test_decode_event_rejects_what_json_loads_rejects(raw: bytes) -> None:
         worker.decode_event(raw)
 
 
+# What only Python's json accepts, and what neither does: msgspec refuses all of it.
+ODD_JSON = [
+    b'{"nan": NaN, "inf": Infinity, "minus": -Infinity}',
+    b"[1e400, -1e400]",
+    b'"\\ud800 lone"',
+    b' {"padded": [1, 2.5e3, true, null]} ',
+]
+BATCH = json.dumps(
+    {"Records": [{"n": i, "f": i / 7, "big": 2**70 + i, "s": "é\u2603\n"} for i in range(50)]}
+).encode()
+
+
+def _as_json(value: object) -> str:
+    """Compared as text: NaN != NaN, but both print as NaN."""
+    return json.dumps(value)
+
+
+def test_events_decode_as_json_loads_before_and_after_the_switch_to_msgspec() -> None:
+    events = worker.Events(switch_after_bytes=len(BATCH) * 2)
+    for raw in [BATCH, *ODD_JSON]:
+        assert _as_json(events.decode(raw)) == _as_json(json.loads(raw))
+    assert not events.fast  # 2 x BATCH not reached yet: the odd ones are short
+    assert _as_json(events.decode(BATCH)) == _as_json(json.loads(BATCH))
+    assert events.fast
+    for raw in [BATCH, *ODD_JSON]:
+        assert _as_json(events.decode(raw)) == _as_json(json.loads(raw))
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"{} {}", b"nul", b"\xff", b"[1,]", b'"a\nb"', b"\xef\xbb\xbf{}"]
+)
+def test_events_reject_after_the_switch_what_json_loads_rejects(raw: bytes) -> None:
+    events = worker.Events(switch_after_bytes=1)
+    events.decode(b"{}")
+    assert events.fast
+    with pytest.raises(ValueError):
+        events.decode(raw)
+
+
 def test_result_encoding_is_json_dumps_with_decimals() -> None:
     import decimal
 
