@@ -93,6 +93,8 @@ class Bench:
                 name = "noop"
                 handler = "noop.handler"
                 code_path = "{self.workdir}"
+                # Workers of a bench run with PYTHONPATH=<checkout> run that checkout's worker too.
+                inherit_environment = ["PYTHONPATH"]
                 """
             )
         )

@@ -136,6 +136,8 @@ def poller_drain(
         name = "noop"
         handler = "noop.handler"
         code_path = "{workdir}"
+        # Workers of a bench run with PYTHONPATH=<checkout> run that checkout's worker too.
+        inherit_environment = ["PYTHONPATH"]
 
         [[mappings]]
         name = "bench"

@@ -106,6 +106,8 @@ def main() -> None:
             name = "lat"
             handler = "lat.handler"
             code_path = "{workdir}"
+            # Workers of a bench run with PYTHONPATH=<checkout> run that checkout's worker too.
+            inherit_environment = ["PYTHONPATH"]
             environment = {{ OUT = "{out}" }}
 
             [[mappings]]

@@ -169,6 +169,8 @@ def poller_config(run: Run, source: str, batch: int, extra: str = "") -> Path:
         name = "noop"
         handler = "poller_noop.handler"
         code_path = "{APPS}"
+        # Workers of a bench run with PYTHONPATH=<checkout> run that checkout's worker too.
+        inherit_environment = ["PYTHONPATH"]
         environment = {{ PEERS_OUT = "{run.out}" }}
 
         [[mappings]]
