@@ -142,9 +142,10 @@ FAST_DECODE_AFTER_BYTES = 8 * 1024 * 1024
 
 class Events:
     """Decodes events as json.loads does: with the stdlib's decoder at first, then with
-    msgspec's, falling back to the stdlib whenever msgspec refuses an input. The two agree on
-    every JSON document; msgspec refuses what only Python's json accepts (NaN, Infinity, numbers
-    out of a float's range, lone surrogates), so the result is json.loads's either way.
+    msgspec's, falling back to the stdlib whenever msgspec refuses an input. Where msgspec
+    accepts an input it gives json.loads's value (ints of any size and correctly rounded floats
+    included; tests/unit/test_runtime_worker.py); it refuses what only Python's json accepts
+    (NaN, Infinity, numbers out of a float's range, lone surrogates), which the stdlib decodes.
 
     The switch costs one invoke the import (~25 ms) and the worker ~4 MB more memory, once.
     """

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.runtime import worker
 from poller.runtime.context import LambdaContext
@@ -112,6 +114,30 @@ def test_events_decode_as_json_loads_before_and_after_the_switch_to_msgspec() ->
     assert events.fast
     for raw in [BATCH, *ODD_JSON]:
         assert _as_json(events.decode(raw)) == _as_json(json.loads(raw))
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.booleans())
+def test_events_after_the_switch_give_what_json_loads_gives(
+    value: object, ensure_ascii: bool
+) -> None:
+    raw = json.dumps(value, ensure_ascii=ensure_ascii).encode()
+    events = worker.Events(switch_after_bytes=0)
+    assert _as_json(events.decode(raw)) == _as_json(json.loads(raw))
+    assert events.fast
 
 
 @pytest.mark.parametrize(
