@@ -176,12 +176,17 @@ class Events:
 
     def _switch(self) -> Callable[[bytes], Any] | None:
         self._left = 1 << 62  # tried once, whatever happens
+        # The handler's directory comes first on sys.path, so this may import a msgspec the
+        # function ships (usually the same library) or anything else of that name: it is used
+        # only if it imports and decodes a sample right; otherwise the stdlib goes on.
         try:
-            import msgspec.json
-        except ImportError:
+            fast = importlib.import_module("msgspec.json").Decoder().decode
+            if fast(b'{"a":[1,2.5,"b",null]}') != {"a": [1, 2.5, "b", None]}:
+                return None
+        except Exception:
             return None
-        self._fast = msgspec.json.Decoder().decode
-        return self._fast
+        self._fast = fast
+        return fast
 
 
 def error_body(error_type: str, message: str, request_id: str | None, trace: list[str]) -> bytes:

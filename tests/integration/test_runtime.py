@@ -169,6 +169,24 @@ async def test_a_worker_switches_to_msgspec_after_megabytes_of_events() -> None:
     assert math.isnan(decoded["nan"]) and decoded["big"] == math.inf
 
 
+async def test_a_broken_msgspec_in_the_functions_directory_leaves_the_stdlib_decoding(
+    tmp_path: Path,
+) -> None:
+    # The function's directory is first on sys.path, so the switch imports this one.
+    (tmp_path / "msgspec.py").write_text("raise RuntimeError('a broken vendored msgspec')\n")
+    (tmp_path / "count_records.py").write_text(
+        "import sys\n"
+        "def handler(event, context):\n"
+        "    return {'count': len(event['Records']), 'fast': 'msgspec.json' in sys.modules}\n"
+    )
+    big = event({"Records": [{"body": f"record {i}"} for i in range(40000)]})
+    invokes = math.ceil(worker.FAST_DECODE_AFTER_BYTES / len(big)) + 1
+    async with make_runtime(fn("count_records.handler", code_path=str(tmp_path))) as (runtime, _):
+        results = [await runtime.invoke("f", big) for _ in range(invokes)]
+    assert [r.outcome for r in results] == [Outcome.OK] * invokes
+    assert [json.loads(r.payload) for r in results] == [{"count": 40000, "fast": False}] * invokes
+
+
 async def test_decimal_results_are_json_numbers() -> None:
     async with make_runtime(fn("decimals")) as (runtime, _):
         result = await runtime.invoke("f", b"{}")

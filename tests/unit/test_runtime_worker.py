@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +139,30 @@ def test_events_after_the_switch_give_what_json_loads_gives(
     events = worker.Events(switch_after_bytes=0)
     assert _as_json(events.decode(raw)) == _as_json(json.loads(raw))
     assert events.fast
+
+
+class _BrokenDecoder:
+    def __init__(self) -> None:
+        raise RuntimeError("not the msgspec we know")
+
+
+class _WrongDecoder:
+    def decode(self, raw: bytes) -> object:
+        return {"wrong": True}
+
+
+@pytest.mark.parametrize("decoder", [_BrokenDecoder, _WrongDecoder])
+def test_a_msgspec_that_does_not_work_leaves_the_stdlib_decoding(
+    monkeypatch: pytest.MonkeyPatch, decoder: type
+) -> None:
+    # What a function's own directory (first on sys.path) might hold under that name.
+    fake = types.ModuleType("msgspec.json")
+    fake.Decoder = decoder  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "msgspec.json", fake)
+    events = worker.Events(switch_after_bytes=1)
+    assert events.decode(BATCH) == json.loads(BATCH)
+    assert not events.fast
+    assert events.decode(BATCH) == json.loads(BATCH)
 
 
 @pytest.mark.parametrize(
