@@ -182,6 +182,7 @@ class KafkaHarness:
     destination: str | None = None  # "file" or a kafka:// URI
     mapping_parameters: dict[str, Any] = field(default_factory=dict)
     log_stream: io.BytesIO = field(default_factory=io.BytesIO)
+    log: JsonLog | None = field(default=None, init=False)
 
     @property
     def uri(self) -> str:
@@ -208,6 +209,8 @@ class KafkaHarness:
         return [json.loads(line) for line in self.failures.read_text().splitlines()]
 
     def logs(self) -> list[dict[str, Any]]:
+        if self.log is not None:
+            self.log.flush()  # info and debug records wait up to FLUSH_DELAY_S in its buffer
         return [json.loads(line) for line in self.log_stream.getvalue().splitlines()]
 
     def produce(self, messages: list[tuple[str | None, str | None]], **options: Any) -> list[Any]:
@@ -223,7 +226,7 @@ class KafkaHarness:
             timeout_s=30,
             environment={"OUT": str(self.out), **self.environment},
         )
-        log = JsonLog(self.log_stream, level="debug")
+        log = self.log = JsonLog(self.log_stream, level="debug")
         runtime = Runtime([function], memory_budget_mb=4096, log=log)
         store = SqliteStore(f"sqlite:///{self.tmp}/state.db")
         await store.open()

@@ -137,6 +137,7 @@ class Harness:
     destination: bool = False
     destination_path: Path | None = None
     log_stream: io.BytesIO = field(default_factory=io.BytesIO)
+    log: JsonLog | None = field(default=None, init=False)
     # Another source than the Redis server's keys, and the config it is opened with.
     source_uri: str | None = None
     config: Config = field(default_factory=Config)
@@ -181,6 +182,8 @@ class Harness:
         return [json.loads(line) for line in self.failures.read_text().splitlines()]
 
     def logs(self) -> list[dict[str, Any]]:
+        if self.log is not None:
+            self.log.flush()  # info and debug records wait up to FLUSH_DELAY_S in its buffer
         return [json.loads(line) for line in self.log_stream.getvalue().splitlines()]
 
     async def add(
@@ -217,7 +220,7 @@ class Harness:
             timeout_s=10,
             environment={"OUT": str(self.out), **self.environment},
         )
-        log = JsonLog(self.log_stream, level="debug")
+        log = self.log = JsonLog(self.log_stream, level="debug")
         runtime = Runtime([function], memory_budget_mb=4096, log=log)
         own_store = store is None
         if store is None:

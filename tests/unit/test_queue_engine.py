@@ -310,15 +310,17 @@ async def test_each_partial_failure_is_logged_once_with_its_request_id(
     good = {source.put(f"good{i}") for i in range(4)}
     source.put("bad0")
     stream = io.BytesIO()
+    log = JsonLog(stream)
     runner = _runner(
         _settings(report_batch_item_failures=True, batch_size=10),
         source,
         runtime,
         ConcurrencyPolicy(1),
-        log=JsonLog(stream),
+        log=log,
     )
     await _run_until(runner, lambda: set(source.deleted) >= good)
     await runtime.close()
+    log.flush()  # "batch settled" is an info record: it may still wait in the log's buffer
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     settled = [r for r in records if r.get("message") == "batch settled"]
     assert len(settled) == 1, settled
