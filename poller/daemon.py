@@ -40,9 +40,42 @@ from poller.status import status_document
 # does not restart the runner.
 _VOLATILE = ("last_processing_result", "last_modified", "state_transition_reason")
 
+# After the grace, what is left to close (runners, leases, sources, the HTTP server, the state
+# store) takes well under a second. A shutdown still running this long after its grace is stuck
+# on something: it says what every task waits on, and the daemon exits, well before systemd's
+# TimeoutStopSec or Kubernetes' grace period would kill it without a word.
+STUCK_AFTER_GRACE_S = 10.0
+
 
 class DaemonError(Exception):
     """Start-up failed in a way the operator must fix (the message says how)."""
+
+
+def waiting_tasks() -> list[str]:
+    """Each pending task of the running loop but the caller's, as the chain of awaits it is
+    suspended in, outermost first (``file:line function`` each)."""
+    current = asyncio.current_task()
+    described = []
+    for task in asyncio.all_tasks():
+        if task is current or task.done():
+            continue
+        chain = []
+        awaitable: Any = task.get_coro()
+        while awaitable is not None:
+            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+            if frame is not None:
+                chain.append(
+                    f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} "
+                    f"{frame.f_code.co_name}"
+                )
+            else:  # a future, a task, or something else that is not a coroutine
+                chain.append(type(awaitable).__name__)
+                break
+            awaitable = getattr(awaitable, "cr_await", None) or getattr(
+                awaitable, "gi_yieldfrom", None
+            )
+        described.append(f"{task.get_name()}: " + " > ".join(chain))
+    return sorted(described)
 
 
 def _spec(mapping: Mapping) -> dict[str, Any]:
@@ -299,16 +332,40 @@ class Daemon:
             grace_s=config.daemon.shutdown_grace_s,
         )
         started = time.monotonic()
-        await watcher
-        await self.supervisor.stop_all(config.daemon.shutdown_grace_s)
-        if membership is not None:
-            membership.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await membership
-        await self._close()
+        stuck = loop.call_later(
+            config.daemon.shutdown_grace_s + STUCK_AFTER_GRACE_S, self._stuck, started
+        )
+        try:
+            await watcher
+            await self.supervisor.stop_all(config.daemon.shutdown_grace_s)
+            if membership is not None:
+                membership.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await membership
+            await self._close()
+        finally:
+            stuck.cancel()
         self.log.info("poller daemon stopped", drain_s=round(time.monotonic() - started, 3))
         self.log.flush()
         return 0
+
+    def _stuck(self, started: float) -> None:
+        self.log.error(
+            f"shutdown still not done {STUCK_AFTER_GRACE_S:g} s after its grace: exiting now; "
+            "unsettled messages will be redelivered after their visibility timeout. Please "
+            "report this with the tasks below (where each one waits)",
+            after_s=round(time.monotonic() - started, 1),
+            waiting=waiting_tasks(),
+        )
+        self._exit_now()
+
+    def _exit_now(self) -> None:
+        """Stop every worker and exit at once, status 1."""
+        self.log.flush()
+        if self.runtime is not None:
+            for pool in self.runtime.pools.values():
+                pool.close()
+        os._exit(1)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -322,11 +379,7 @@ class Daemon:
             f"received {sig.name} again: exiting now; unsettled messages will be "
             "redelivered after their visibility timeout"
         )
-        self.log.flush()
-        if self.runtime is not None:
-            for pool in self.runtime.pools.values():
-                pool.close()
-        os._exit(1)
+        self._exit_now()
 
     async def _start(self) -> None:
         config = self.config
