@@ -46,6 +46,9 @@ def _daemon(tmp: Path, name: str, env: AwsEnv, redis_url: str) -> DaemonProcess:
             f"""
             [daemon]
             http_listen = "127.0.0.1:{port}"
+            # A stuck shutdown ends 10 s after this (with the tasks it waits on in the log),
+            # inside the 40 s DaemonProcess.stop waits.
+            shutdown_grace_s = 20
 
             [state]
             url = "{redis_url}"
@@ -165,6 +168,7 @@ def test_two_daemons_split_kinesis_shards_and_one_takes_over_a_killed_one(
                 firsts[record["pk"]].append(record["n"])
         assert firsts == sent  # first deliveries in order per key, nothing lost
         assert "Traceback" not in a.logs()
+        assert a.stop() == 0, a.logs()[-4000:]  # a clean exit, not one past a stuck shutdown
     finally:
         stop.set()
         if producer.is_alive():
